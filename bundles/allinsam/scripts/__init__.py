@@ -1,0 +1,11 @@
+"""Code of the allinsam bundle.
+
+- ``networks/``: SAM-family backbones (LiteMedSAM, segment-anything ViT-B/L/H) and their loading.
+- ``annotation/``: SAM-empowered annotation, boxes -> instance maps.
+- ``data/``: instance maps, boxes and image/label file I/O shared by every workflow.
+"""
+
+from pathlib import Path
+
+# The configs resolve paths against this, so ``monai.bundle run`` works from any working directory.
+BUNDLE_ROOT = str(Path(__file__).resolve().parent.parent)

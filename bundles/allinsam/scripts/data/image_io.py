@@ -1,0 +1,95 @@
+"""Reading and writing the image, label and box files of the workflows, with errors that name the file.
+
+Writes are atomic (temporary file + rename), so a killed run never leaves a half-written output.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            return tifffile.imread(path)
+        with Image.open(path) as image:
+            return np.array(image)
+    except (OSError, ValueError, UnidentifiedImageError, tifffile.TiffFileError) as error:
+        raise ValueError(f"{path}: cannot read image, the file is corrupt or not an image ({error})") from error
+
+
+def read_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF or PNG/JPEG image as RGB uint8 (H, W, 3); an alpha channel is dropped."""
+    path = Path(path)
+    image = _read_array(path)
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{path}: expected an RGB image (H, W, 3), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{path}: expected 8-bit RGB, got dtype {image.dtype}")
+    return image
+
+
+def read_instance_map(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance label map (H, W) of non-negative integers (0 = background)."""
+    path = Path(path)
+    instances = _read_array(path)
+    if instances.ndim != 2 or not np.issubdtype(instances.dtype, np.integer) or instances.min(initial=0) < 0:
+        raise ValueError(
+            f"{path}: expected an instance label map of non-negative integers (H, W), "
+            f"got shape {instances.shape} dtype {instances.dtype}"
+        )
+    return instances
+
+
+def read_boxes_json(path: str | os.PathLike) -> np.ndarray:
+    """Read the ``boxes`` list of a boxes JSON file as float (N, 4) ``[x0, y0, x1, y1]``, end exclusive."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        boxes = json.loads(path.read_text())["boxes"]
+        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: expected JSON with a 'boxes' list of [x0, y0, x1, y1] ({error!r})") from error
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write uint8 (H, W) / (H, W, 3) or uint16 (H, W) losslessly as PNG."""
+    array = np.ascontiguousarray(array)
+    if array.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"{path}: PNG needs uint8 or uint16, got {array.dtype}")
+    _atomic_write(Path(path), lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def write_json_atomic(path: str | os.PathLike, content) -> None:
+    """Write ``content`` as indented JSON."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(content, handle, indent=1)
+            handle.write("\n")
+
+    _atomic_write(Path(path), write)

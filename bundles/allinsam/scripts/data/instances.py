@@ -1,0 +1,25 @@
+"""Instance label maps (H, W), 0 = background, 1..N = one id per nucleus, and their tight boxes."""
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential as _skimage_relabel
+
+
+def relabel_sequential(instances: np.ndarray) -> np.ndarray:
+    """Map the ids of an instance map (H, W) onto 1..N in increasing order of the old ids; returns uint16 or uint32."""
+    relabelled = _skimage_relabel(np.asarray(instances))[0]
+    dtype = np.uint16 if relabelled.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    return relabelled.astype(dtype)
+
+
+def boxes_from_instances(instances: np.ndarray) -> np.ndarray:
+    """Tight boxes (N, 4) int64 as ``[x0, y0, x1, y1]`` (pixels, end exclusive) of instances 1..N.
+
+    The instance map must have contiguous ids 1..N (see ``relabel_sequential``); row i is instance i + 1.
+    """
+    instances = np.asarray(instances)
+    slices = ndimage.find_objects(instances)
+    if any(s is None for s in slices):
+        missing = [i + 1 for i, s in enumerate(slices) if s is None]
+        raise ValueError(f"instance ids are not contiguous: ids {missing[:10]} have no pixels")
+    return np.array([[sx.start, sy.start, sx.stop, sy.stop] for sy, sx in slices], dtype=np.int64).reshape(-1, 4)
