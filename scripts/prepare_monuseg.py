@@ -239,4 +239,7 @@ def print_report(report: dict, output: Path) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(prepare, serialize=lambda report: None)  # the report is printed as a table already
+    try:
+        fire.Fire(prepare, serialize=lambda report: None)  # the report is printed as a table already
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"prepare_monuseg: error: {error}")
