@@ -1,11 +1,14 @@
-"""SAM-empowered annotation: one box per nucleus -> an instance label map.
+"""SAM-empowered annotation: one box (or point) per nucleus -> an instance label map.
 
-The image is covered by fixed native-resolution tiles of the encoder's input size; each box is decoded in the
-tile where it is most central; the image embedding is computed once per tile and all boxes of that tile go
-through the mask decoder in one batched call.
+The image is covered by a regular grid of windows (the encoder's input size times ``1 / zoom``, in image pixels);
+each prompt is decoded in the window where its centre is farthest from the window border, so a prompt that
+crosses window borders is still decoded exactly once. One encoder pass per window that has prompts. The decoder
+sees a crop of the image embedding around each prompt (``decoder_context`` pixels beyond the box; the positional
+encoding is cropped alike), and prompts sharing a crop go through the decoder in one batched call.
 """
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -14,17 +17,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data import read_boxes_json, write_json_atomic, write_png_atomic
+from ..data import write_json_atomic, write_png_atomic
+from ..networks import SamBackbone
+from .prompts import Prompts, read_prompts
 
 logger = logging.getLogger(__name__)
+NO_MASK_LOGIT = -20.0  # a mask prompt's value where nothing is known
+CROP_GRID = 4  # decoder crops start on multiples of this many tokens, so nearby prompts share a call
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``[0, length)``; the last tile ends at ``length``."""
     if length <= tile:
         return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+    return list(range(0, length - tile, stride)) + [length - tile]
 
 
 def validate_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, list[dict]]:
@@ -52,104 +58,206 @@ def validate_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarr
 
 
 class BoxPromptedSegmenter:
-    """Box-prompted SAM over fixed native tiles.
+    """Prompts -> instance map with a SAM backbone.
 
     Args:
-        sam: a backbone with ``image_encoder``, ``prompt_encoder``, ``mask_decoder`` and ``image_size``.
-        stride: tile stride in pixels (tiles overlap by ``image_size - stride``).
+        sam: the backbone (``scripts.networks.load_sam``).
+        zoom: encoder pixels per image pixel; 1 = native resolution (a 256 window for LiteMedSAM).
+        stride: window stride in image pixels; default three quarters of the window.
+        decoder_context: pixels of context around a box in the decoder's embedding crop; None = whole embedding.
+        threshold: mask logit above which a pixel belongs to the nucleus.
+        clip_margin: a box's mask is cut to the box grown by this many pixels; None = not cut.
+        multimask: decode three masks and keep the one with the highest predicted IoU.
+        refine: decode again with the first mask as a mask prompt.
+        flip: average the logits with those of the horizontally flipped window (two encoder passes).
+        point_box: side in pixels of the square around a point prompt that its mask is cut to; a backbone trained
+            with boxes only gets that square as its prompt instead of the point.
         device: where the network runs.
     """
 
-    def __init__(self, sam, stride: int = 192, device: str | torch.device = "cpu"):
+    def __init__(self, sam: SamBackbone, zoom: float = 0.75, stride: int | None = None,
+                 decoder_context: float | None = 32, threshold: float = -3.0, clip_margin: float | None = 0,
+                 multimask: bool = False, refine: bool = False, flip: bool = False, point_box: float = 32,
+                 device: str | torch.device = "cpu"):
         self.sam = sam.to(device).eval()
-        self.tile = int(sam.image_size)
-        self.stride = stride
         self.device = torch.device(device)
+        self.window = round(sam.image_size / zoom)
+        self.stride = stride or round(0.75 * self.window)
+        self.scale = sam.image_size / self.window  # encoder pixels per image pixel
+        self.pixels_per_token = sam.image_size / sam.embedding_size  # encoder pixels
+        self.decoder_context, self.threshold, self.clip_margin = decoder_context, threshold, clip_margin
+        self.multimask, self.refine, self.flip, self.point_box = multimask, refine, flip, point_box
+        with torch.no_grad():
+            self.image_pe = sam.prompt_encoder.get_dense_pe().to(self.device)
 
-    def _normalise(self, tile: np.ndarray) -> torch.Tensor:
-        """(h, w, 3) uint8 -> (1, 3, tile, tile) float, min-max scaled to [0, 1] as LiteMedSAM was trained."""
-        image = torch.from_numpy(tile).to(self.device, torch.float32).permute(2, 0, 1)[None]
-        image = (image - image.min()) / (image.max() - image.min()).clamp(min=1e-8)
-        pad_h, pad_w = self.tile - tile.shape[0], self.tile - tile.shape[1]
-        return F.pad(image, (0, pad_w, 0, pad_h))
+    # --- encoder ---------------------------------------------------------------------------------------------------
+
+    def _encode(self, window: np.ndarray) -> list[torch.Tensor]:
+        """(h, w, 3) uint8 window -> its embedding (1, 256, E, E), and the flipped window's when ``flip``."""
+        image = torch.from_numpy(np.ascontiguousarray(window)).to(self.device, torch.float32).permute(2, 0, 1)[None]
+        image = F.pad(image, (0, self.window - window.shape[1], 0, self.window - window.shape[0]))
+        if self.window != self.sam.image_size:
+            image = F.interpolate(image, size=(self.sam.image_size,) * 2, mode="bilinear", antialias=True)
+        images = torch.cat([image, image.flip(-1)]) if self.flip else image
+        embeddings = self.sam.image_encoder(self.sam.preprocess(images))
+        return list(embeddings.split(1))
+
+    # --- decoder ---------------------------------------------------------------------------------------------------
+
+    def _crop_of(self, prompt_box: np.ndarray) -> tuple[int, int, int]:
+        """Embedding crop ``(k, ty, tx)`` in tokens around a prompt box given in encoder pixels."""
+        size = self.sam.embedding_size
+        if self.decoder_context is None:
+            return size, 0, 0
+        extent = max(prompt_box[2] - prompt_box[0], prompt_box[3] - prompt_box[1]) + 2 * self.decoder_context * self.scale
+        k = min(size, CROP_GRID * math.ceil(extent / self.pixels_per_token / CROP_GRID))
+        centre_y = (prompt_box[1] + prompt_box[3]) / 2 / self.pixels_per_token
+        centre_x = (prompt_box[0] + prompt_box[2]) / 2 / self.pixels_per_token
+        ty, tx = (int(np.clip(CROP_GRID * round((c - k / 2) / CROP_GRID), 0, size - k)) for c in (centre_y, centre_x))
+        return k, ty, tx
+
+    def _decode_crop(self, embedding: torch.Tensor, crop: tuple[int, int, int], boxes: torch.Tensor | None,
+                     points: torch.Tensor | None, mask_prompt: torch.Tensor | None, multimask: bool) -> torch.Tensor:
+        """Mask logits (n, 1, 4k, 4k) of n prompts on the embedding crop; prompts in encoder pixels."""
+        k, ty, tx = crop
+        point_prompt = None if points is None else (points[:, None, :], torch.ones(len(points), 1, device=self.device))
+        sparse, dense = self.sam.prompt_encoder(points=point_prompt, boxes=boxes, masks=mask_prompt)
+        crop_of = (..., slice(ty, ty + k), slice(tx, tx + k))
+        masks, iou = self.sam.mask_decoder(
+            image_embeddings=embedding[crop_of], image_pe=self.image_pe[crop_of],
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[crop_of], multimask_output=multimask,
+        )
+        return masks.gather(1, iou.argmax(1).view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[2:])) if multimask else masks
+
+    def _decode(self, embedding: torch.Tensor, crop: tuple[int, int, int], boxes: torch.Tensor | None,
+                points: torch.Tensor | None) -> torch.Tensor:
+        logits = self._decode_crop(embedding, crop, boxes, points, None, self.multimask)
+        if self.refine:
+            k, ty, tx = crop
+            side = 4 * self.sam.embedding_size
+            mask_prompt = torch.full((len(logits), 1, side, side), NO_MASK_LOGIT, device=self.device)
+            mask_prompt[..., 4 * ty : 4 * (ty + k), 4 * tx : 4 * (tx + k)] = logits
+            logits = self._decode_crop(embedding, crop, boxes, points, mask_prompt, multimask=False)
+        return logits
+
+    def _decode_flipped(self, embedding: torch.Tensor, crop: tuple[int, int, int], boxes: torch.Tensor | None,
+                        points: torch.Tensor | None) -> torch.Tensor:
+        """The same prompts decoded on the flipped window's embedding, flipped back."""
+        k, ty, tx = crop
+        size = self.sam.image_size
+        flipped_boxes = None if boxes is None else torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
+        flipped_points = None if points is None else torch.stack([size - points[:, 0], points[:, 1]], 1)
+        crop_flipped = (k, ty, self.sam.embedding_size - tx - k)
+        return self._decode(embedding, crop_flipped, flipped_boxes, flipped_points).flip(-1)
+
+    # --- whole image -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _decode_tile(self, tile: np.ndarray, boxes: np.ndarray) -> torch.Tensor:
-        """Mask logits (N, h, w) for boxes (N, 4) given in tile pixel coordinates."""
-        embedding = self.sam.image_encoder(self._normalise(tile))
-        sparse, dense = self.sam.prompt_encoder(
-            points=None, boxes=torch.as_tensor(boxes, dtype=torch.float32, device=self.device), masks=None
-        )
-        low_res, _ = self.sam.mask_decoder(
-            image_embeddings=embedding,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        logits = F.interpolate(low_res, size=(self.tile, self.tile), mode="bilinear", align_corners=False)
-        return logits[:, 0, : tile.shape[0], : tile.shape[1]]
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, points: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """Instance map (H, W) uint16 for an RGB uint8 image (H, W, 3) and prompts in image pixels.
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Instance map (H, W) uint16 where id i + 1 is the mask of box i, and a report of used / skipped boxes.
-
-        Overlaps go to the box with the higher mask logit (the lower index on ties).
+        Box i (N, 4) gets id i + 1, point j (M, 2) gets id N + j + 1. Overlaps go to the prompt with the higher
+        mask logit (the lower id on ties). The report lists what was used and what was skipped, and why.
         """
         height, width = image.shape[:2]
         boxes, skipped = validate_boxes(boxes, height, width)
-        valid = np.flatnonzero(np.isfinite(boxes[:, 0]))
-        tiles = [(y, x) for y in tile_starts(height, self.tile, self.stride) for x in tile_starts(width, self.tile, self.stride)]
-        origins = np.array(tiles, dtype=np.float64).reshape(-1, 2)
-        centres = np.stack([(boxes[valid, 1] + boxes[valid, 3]) / 2, (boxes[valid, 0] + boxes[valid, 2]) / 2], 1)
-        # distance from each box centre to the nearest border of each tile: (N, T); most central tile wins
-        offsets = centres[:, None, :] - origins[None, :, :]
-        margin = np.minimum(offsets, self.tile - offsets).min(axis=2)
-        home_tile = margin.argmax(axis=1) if len(valid) else np.zeros(0, dtype=int)
+        points = np.empty((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        inside = np.isfinite(points).all(1) & (points >= 0).all(1) & (points[:, 0] < width) & (points[:, 1] < height)
+        skipped += [{"index": len(boxes) + int(j), "point": points[j].tolist(), "reason": "outside the image"}
+                    for j in np.flatnonzero(~inside)]
+        half = self.point_box / 2
+        regions = np.concatenate([boxes, np.where(inside[:, None], np.hstack([points - half, points + half]), np.nan)])
+        is_point = np.arange(len(regions)) >= len(boxes)
+        decode_as_point = is_point & (not self.sam.box_prompts_only)
+        valid = np.flatnonzero(np.isfinite(regions[:, 0]))
+
+        windows = [(y, x) for y in tile_starts(height, self.window, self.stride)
+                   for x in tile_starts(width, self.window, self.stride)]
+        origins = np.array(windows, dtype=np.float64).reshape(-1, 2)
+        centres = np.stack([(regions[valid, 1] + regions[valid, 3]) / 2, (regions[valid, 0] + regions[valid, 2]) / 2], 1)
+        offsets = centres[:, None, :] - origins[None]
+        home = np.minimum(offsets, self.window - offsets).min(axis=2).argmax(axis=1) if len(valid) else np.zeros(0, int)
 
         instances = np.zeros((height, width), dtype=np.uint16)
         best_logit = np.full((height, width), -np.inf, dtype=np.float32)
-        for tile_index, (y0, x0) in enumerate(tiles):
-            members = valid[home_tile == tile_index]
+        decoder_calls = 0
+        for window_index, (y0, x0) in enumerate(windows):
+            members = valid[home == window_index]
             if len(members) == 0:
                 continue
-            tile = image[y0 : y0 + self.tile, x0 : x0 + self.tile]
-            logits = self._decode_tile(tile, boxes[members] - [x0, y0, x0, y0]).cpu().numpy()
-            top = logits.argmax(axis=0)
-            top_logit = np.take_along_axis(logits, top[None], axis=0)[0]
-            region = (slice(y0, y0 + tile.shape[0]), slice(x0, x0 + tile.shape[1]))
-            wins = (top_logit > 0) & (top_logit > best_logit[region])
-            instances[region][wins] = members[top[wins]] + 1
-            best_logit[region][wins] = top_logit[wins]
+            embeddings = self._encode(image[y0 : y0 + self.window, x0 : x0 + self.window])
+            encoder_boxes = (regions[members] - [x0, y0, x0, y0]) * self.scale
+            groups: dict[tuple, list[int]] = {}
+            for row, (member, box) in enumerate(zip(members, encoder_boxes)):
+                groups.setdefault((bool(decode_as_point[member]), *self._crop_of(box)), []).append(row)
+            for (point_group, *crop), rows in groups.items():
+                prompt = torch.as_tensor(encoder_boxes[rows], dtype=torch.float32, device=self.device)
+                box_prompt, point_prompt = (None, (prompt[:, :2] + prompt[:, 2:]) / 2) if point_group else (prompt, None)
+                logits = self._decode(embeddings[0], tuple(crop), box_prompt, point_prompt)
+                if self.flip:
+                    logits = (logits + self._decode_flipped(embeddings[1], tuple(crop), box_prompt, point_prompt)) / 2
+                decoder_calls += 1 + self.flip
+                self._paste(logits, tuple(crop), (y0, x0), members[rows], regions, is_point, instances, best_logit)
 
-        found = np.unique(instances[instances > 0]) - 1
-        empty = sorted(set(valid.tolist()) - set(found.tolist()))
+        found = set(np.unique(instances[instances > 0]).astype(int) - 1)
+        empty = [int(i) for i in valid if i not in found]
         report = {
             "boxes_total": int(len(boxes)),
-            "boxes_used": int(len(found)),
-            "boxes_skipped": skipped + [{"index": int(i), "reason": "SAM returned an empty mask"} for i in empty],
-            "tiles_encoded": int(len(np.unique(home_tile))),
+            "points_total": int(len(points)),
+            "prompts_used": len(found),
+            "prompts_skipped": skipped + [{"index": i, "reason": "SAM returned an empty mask"} for i in empty],
+            "windows_encoded": int(len(np.unique(home))),
+            "decoder_calls": decoder_calls,
         }
         return instances, report
 
+    def _paste(self, logits: torch.Tensor, crop: tuple[int, int, int], window_origin: tuple[int, int],
+               prompt_ids: np.ndarray, regions: np.ndarray, is_point: np.ndarray, instances: np.ndarray,
+               best_logit: np.ndarray) -> None:
+        """Write the masks of one decoder call into the image-sized instance map, keeping the higher logit."""
+        k, ty, tx = crop
+        pixels_per_output = self.pixels_per_token / 4 / self.scale  # image pixels per decoder output pixel
+        if pixels_per_output != 1:
+            logits = F.interpolate(logits, scale_factor=pixels_per_output, mode="bilinear", align_corners=False)
+        logits = logits[:, 0].cpu().numpy()
+        oy = window_origin[0] + round(ty * self.pixels_per_token / self.scale)
+        ox = window_origin[1] + round(tx * self.pixels_per_token / self.scale)
+        height, width = instances.shape
+        for prompt_id, mask_logits in zip(prompt_ids, logits):
+            y0, x0, y1, x1 = oy, ox, min(oy + mask_logits.shape[0], height), min(ox + mask_logits.shape[1], width)
+            if self.clip_margin is not None or is_point[prompt_id]:
+                margin = 0 if is_point[prompt_id] else self.clip_margin
+                bx0, by0, bx1, by1 = regions[prompt_id] + [-margin, -margin, margin, margin]
+                y0, x0 = max(y0, math.floor(by0)), max(x0, math.floor(bx0))
+                y1, x1 = min(y1, math.ceil(by1)), min(x1, math.ceil(bx1))
+            if y1 <= y0 or x1 <= x0:
+                continue
+            local = mask_logits[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+            wins = (local > self.threshold) & (local > best_logit[y0:y1, x0:x1])
+            instances[y0:y1, x0:x1][wins] = prompt_id + 1
+            best_logit[y0:y1, x0:x1][wins] = local[wins]
 
-def annotate_dataset(dataset, segmenter: BoxPromptedSegmenter, output_dir: str) -> list[dict]:
-    """Annotate every item ``{"image": (3, H, W) array, "boxes": path of a boxes JSON}`` of ``dataset``.
+
+def annotate_dataset(dataset, segmenter: BoxPromptedSegmenter, output_dir: str, prompt_key: str = "boxes") -> list[dict]:
+    """Annotate every item ``{"image": (3, H, W) array, prompt_key: path of a prompt file}`` of ``dataset``.
 
     Writes per image ``<name>_instances.png`` (uint16 ids), ``<name>_mask.png`` (uint8 0/1) and
-    ``<name>_annotation.json`` (boxes used / skipped and why, seconds) into ``output_dir``; returns the reports.
+    ``<name>_annotation.json`` (prompts used / skipped and why, seconds) into ``output_dir``; returns the reports.
     """
     output = Path(output_dir)
     reports = []
     for item in tqdm(dataset, desc="annotate", unit="image"):
         image_path = Path(item["image"].meta["filename_or_obj"])
-        name = image_path.stem
         start = time.perf_counter()
+        prompts: Prompts = read_prompts(item[prompt_key], image_name=image_path.name)
         image = np.asarray(item["image"]).transpose(1, 2, 0).astype(np.uint8)
-        instances, report = segmenter(image, read_boxes_json(item["boxes"]))
-        report.update(image=str(image_path), boxes_file=str(item["boxes"]), seconds=round(time.perf_counter() - start, 3))
-        write_png_atomic(output / f"{name}_instances.png", instances)
-        write_png_atomic(output / f"{name}_mask.png", (instances > 0).astype(np.uint8))
-        write_json_atomic(output / f"{name}_annotation.json", report)
-        logger.info(f"{name}: {report['boxes_used']}/{report['boxes_total']} boxes -> masks in {report['seconds']} s")
+        instances, report = segmenter(image, prompts.boxes, prompts.points)
+        report.update(image=str(image_path), prompts_file=str(item[prompt_key]),
+                      seconds=round(time.perf_counter() - start, 3))
+        write_png_atomic(output / f"{image_path.stem}_instances.png", instances)
+        write_png_atomic(output / f"{image_path.stem}_mask.png", (instances > 0).astype(np.uint8))
+        write_json_atomic(output / f"{image_path.stem}_annotation.json", report)
+        logger.info(f"{image_path.stem}: {report['prompts_used']} of {len(prompts.boxes) + len(prompts.points)} "
+                    f"prompts -> masks in {report['seconds']} s")
         reports.append(report)
     return reports

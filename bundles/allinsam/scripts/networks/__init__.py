@@ -1,3 +1,19 @@
-from .sam_backbones import LITEMEDSAM_SHA256, SamParts, load_litemedsam, sha256_of_file
+from .sam_backbones import (
+    LITEMEDSAM_SHA256,
+    SamBackbone,
+    build_sam_vit,
+    fuse_conv_bn_for_inference,
+    load_litemedsam,
+    load_sam,
+    sha256_of_file,
+)
 
-__all__ = ["LITEMEDSAM_SHA256", "SamParts", "load_litemedsam", "sha256_of_file"]
+__all__ = [
+    "LITEMEDSAM_SHA256",
+    "SamBackbone",
+    "build_sam_vit",
+    "fuse_conv_bn_for_inference",
+    "load_litemedsam",
+    "load_sam",
+    "sha256_of_file",
+]
