@@ -12,6 +12,7 @@ beat. Writes the table as Markdown and CSV next to ``--output``.
 """
 
 import csv
+import inspect
 import json
 import sys
 import time
@@ -31,6 +32,8 @@ from scripts.networks import fuse_conv_bn_for_inference, load_sam  # noqa: E402
 
 REFERENCE = dict(zoom=1.0, decoder_context=None, threshold=0.0, clip_margin=None)
 DEFAULT = {}  # BoxPromptedSegmenter's defaults
+SHOWN_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(BoxPromptedSegmenter).parameters.items()
+                  if name in ("zoom", "decoder_context", "threshold", "clip_margin")}
 CONFIGS = {
     "ellipse": None,  # no network: the ellipse inscribed in each box
     "reference": REFERENCE,
@@ -118,7 +121,7 @@ def bench_annotate(
         has_network = CONFIGS[row["config"]] is not None
         ratio = f"{reference_seconds / row['seconds_per_image']:.2f}x" if reference_seconds and has_network else "-"
         options = CONFIGS[row["config"]]
-        options = "no network" if options is None else ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+        options = "no network" if options is None else ", ".join(f"{k}={v}" for k, v in {**SHOWN_DEFAULTS, **options}.items())
         table.append(f"| {row['config']} | {options} | {row['dice']:.4f} | {row['iou']:.4f} | {row['nucleus_iou']:.4f} "
                      f"| {row['seconds_per_image']:.1f} | {ratio} |")
     print("\n" + "\n".join(table))
