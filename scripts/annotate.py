@@ -20,9 +20,8 @@ import numpy as np
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "allinsam"
 sys.path.insert(0, str(BUNDLE))
-from scripts.annotation import perturb_boxes  # noqa: E402  (the bundle's package)
+from scripts.annotation import perturb_boxes, read_prompts  # noqa: E402  (the bundle's package)
 from scripts.data import (  # noqa: E402
-    read_boxes_json,
     read_instance_map,
     relabel_sequential,
     write_json_atomic,
@@ -91,7 +90,8 @@ def weak_labels(datalist: str, splits: tuple[str, ...] = ("training", "validatio
     for split in splits:
         for entry in content[split]:
             name = Path(entry["image"]).stem
-            boxes = perturb_boxes(read_boxes_json(base / entry["boxes"]), jitter=jitter, loosen=loosen, seed=seed)
+            boxes = read_prompts(base / entry["boxes"]).boxes
+            boxes = perturb_boxes(boxes, jitter=jitter, loosen=loosen, seed=seed)
             write_json_atomic(output / "prompts" / f"{name}.json", {"image": Path(entry["image"]).name, "boxes": boxes.tolist()})
             data.append({"image": str(base / entry["image"]), "boxes": str(output / "prompts" / f"{name}.json")})
             truths[name] = base / entry["label"]

@@ -25,8 +25,8 @@ from skimage.draw import ellipse
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "allinsam"))
-from scripts.annotation import BoxPromptedSegmenter, perturb_boxes  # noqa: E402  (the bundle's package)
-from scripts.data import read_boxes_json, read_instance_map, read_rgb_image  # noqa: E402
+from scripts.annotation import BoxPromptedSegmenter, perturb_boxes, read_prompts  # noqa: E402  (the bundle's package)
+from scripts.data import read_instance_map, read_rgb_image  # noqa: E402
 from scripts.metrics import dice_iou, paired_instance_iou  # noqa: E402
 from scripts.networks import fuse_conv_bn_for_inference, load_sam  # noqa: E402
 
@@ -93,7 +93,7 @@ def bench_annotate(
     cases = []
     for entry in entries:
         paths = {key: Path(prepared_dir) / value for key, value in entry.items()}
-        boxes = perturb_boxes(read_boxes_json(paths["boxes"]), jitter=jitter, seed=seed)
+        boxes = perturb_boxes(read_prompts(paths["boxes"]).boxes, jitter=jitter, seed=seed)
         cases.append((paths["image"].stem, read_rgb_image(paths["image"]), boxes, read_instance_map(paths["instances"])))
 
     rows = []

@@ -12,7 +12,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
-from prepare_monuseg import SPLITS, _relative, write_case  # same folder: scripts/ is on sys.path
+from prepare_monuseg import SPLITS, relative_entry, write_case  # same folder: scripts/ is on sys.path
 from scripts.data import read_instance_map, read_rgb_image, relabel_sequential, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def make_sample_crops(
         image = read_rgb_image(prepared / "cases" / "images" / f"{name}.png")[window]
         instances = relabel_sequential(read_instance_map(prepared / "cases" / "instances" / f"{name}.png")[window])
         crop_name = f"{name}_y{top}_x{left}"
-        datalist[split].append(_relative(write_case(output, crop_name, image, instances), output))
+        datalist[split].append(relative_entry(write_case(output, crop_name, image, instances), output))
         print(f"{split:<11}{crop_name}: {int(instances.max())} nuclei, {np.count_nonzero(instances)} nuclear pixels")
     write_json_atomic(output / "datalist.json", datalist)
 

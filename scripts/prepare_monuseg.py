@@ -162,7 +162,7 @@ def read_split(split_file: Path, cases: dict[str, Case]) -> dict[str, list[str]]
     return split
 
 
-def _relative(entry: dict[str, Path], base: Path) -> dict[str, str]:
+def relative_entry(entry: dict[str, Path], base: Path) -> dict[str, str]:
     return {key: str(path.relative_to(base)) for key, path in entry.items()}
 
 
@@ -196,15 +196,18 @@ def prepare(
     split = read_split(Path(split_file) if split_file else source / DEFAULT_SPLIT_FILE, cases)
 
     entries, report = {}, {"source_dir": str(source), "splits": {}, "fractions": {}}
+    training = {}  # name -> (image, instances): the fractions cut patches from these
     for split_name in SPLITS:
         nuclei = regions = 0
         for name in tqdm(split[split_name], desc=f"prepare {split_name}", unit="image"):
             image, instances, n_regions = load_case(cases[name])
+            if split_name == "training":
+                training[name] = image, instances
             entries[name] = write_case(output / "cases", name, image, instances)
             nuclei, regions = nuclei + int(instances.max()), regions + n_regions
         report["splits"][split_name] = {"images": len(split[split_name]), "nuclei": nuclei, "annotated_regions": regions}
 
-    full = {split_name: [_relative(entries[name], output) for name in split[split_name]] for split_name in SPLITS}
+    full = {split_name: [relative_entry(entries[name], output) for name in split[split_name]] for split_name in SPLITS}
     for fraction in fractions:
         for seed in (seeds if fraction != "all" else (None,)):
             tag = fraction if seed is None else f"{fraction}_seed{seed}"
@@ -212,13 +215,13 @@ def prepare(
             if fraction != "all":
                 datalist["training"], nuclei = [], 0
                 for name in tqdm(images_with_patches(split["training"], fraction, seed), desc=tag, unit="image"):
-                    image, instances, _ = load_case(cases[name])
+                    image, instances = training[name]
                     y0, x0 = patch_origin(name, seed, image.shape[:2], patch_size)
                     keep = np.zeros(image.shape[:2], dtype=bool)
                     keep[y0 : y0 + patch_size, x0 : x0 + patch_size] = True
                     patched = relabel_sequential(np.where(keep, instances, 0))
                     entry = write_case(output / "fractions" / tag, name, np.where(keep[..., None], image, 0), patched)
-                    datalist["training"].append(_relative(entry, output))
+                    datalist["training"].append(relative_entry(entry, output))
                     datalist["patches"].append({"image": name, "box": [x0, y0, x0 + patch_size, y0 + patch_size]})
                     nuclei += int(patched.max())
                 report["fractions"][tag] = {"training_images": len(datalist["training"]), "training_nuclei": nuclei}

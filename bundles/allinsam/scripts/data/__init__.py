@@ -1,9 +1,8 @@
-from .image_io import read_boxes_json, read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic
+from .image_io import read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic
 from .instances import boxes_from_instances, relabel_sequential
 
 __all__ = [
     "boxes_from_instances",
-    "read_boxes_json",
     "read_instance_map",
     "read_rgb_image",
     "relabel_sequential",

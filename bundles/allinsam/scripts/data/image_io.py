@@ -52,18 +52,6 @@ def read_instance_map(path: str | os.PathLike) -> np.ndarray:
     return instances
 
 
-def read_boxes_json(path: str | os.PathLike) -> np.ndarray:
-    """Read the ``boxes`` list of a boxes JSON file as float (N, 4) ``[x0, y0, x1, y1]``, end exclusive."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    try:
-        boxes = json.loads(path.read_text())["boxes"]
-        return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: expected JSON with a 'boxes' list of [x0, y0, x1, y1] ({error!r})") from error
-
-
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
