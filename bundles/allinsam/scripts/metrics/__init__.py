@@ -1,3 +1,29 @@
-from .segmentation import dice_iou, paired_instance_iou
+from .nuclei_metric import NucleiMetric
+from .segmentation import (
+    METRIC_NAMES,
+    adjusted_rand_index,
+    aggregated_jaccard_index,
+    best_f1,
+    detection_f1_pq,
+    dice_iou,
+    instances_from_mask,
+    nuclei_metrics,
+    paired_instance_iou,
+    recall_precision,
+    roc_auc,
+)
 
-__all__ = ["dice_iou", "paired_instance_iou"]
+__all__ = [
+    "METRIC_NAMES",
+    "NucleiMetric",
+    "adjusted_rand_index",
+    "aggregated_jaccard_index",
+    "best_f1",
+    "detection_f1_pq",
+    "dice_iou",
+    "instances_from_mask",
+    "nuclei_metrics",
+    "paired_instance_iou",
+    "recall_precision",
+    "roc_auc",
+]

@@ -1,3 +1,5 @@
+from .allinsam_net import AllInSamNet
+from .sam_adapter import AdaptedTinyViTEncoder, AdaptedViTEncoder, PromptGenerator, adapt_encoder, high_frequency_component
 from .sam_backbones import (
     LITEMEDSAM_SHA256,
     SamBackbone,
@@ -10,9 +12,15 @@ from .sam_backbones import (
 
 __all__ = [
     "LITEMEDSAM_SHA256",
+    "AdaptedTinyViTEncoder",
+    "AdaptedViTEncoder",
+    "AllInSamNet",
+    "PromptGenerator",
     "SamBackbone",
+    "adapt_encoder",
     "build_sam_vit",
     "fuse_conv_bn_for_inference",
+    "high_frequency_component",
     "load_litemedsam",
     "load_sam",
     "sha256_of_file",

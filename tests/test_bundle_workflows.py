@@ -1,0 +1,118 @@
+"""The bundle's train / evaluate / inference configs run through MONAI's ConfigWorkflow on the real sample crops with
+the embedded LiteMedSAM weights; a killed run resumes; the MoNuSeg dataset config swaps in by merging one file."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import BUNDLE, SAMPLE_CROPS
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from scripts.data import read_rgb_image
+from scripts.metrics import METRIC_NAMES
+
+CONFIGS = BUNDLE / "configs"
+TRAIN, INFER, EVALUATE, MONUSEG = (CONFIGS / name for name in ("train.json", "inference.json", "evaluate.json",
+                                                                   "datasets/monuseg.json"))
+
+
+def _workflow(files, workflow_type: str | None = None, **overrides) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(config_file=[str(path) for path in files], workflow_type=workflow_type,
+                              logging_file=str(CONFIGS / "logging.conf"), **overrides)
+    workflow.initialize()
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two short epochs of the real training config (validation every epoch): (workflow, checkpoint folder)."""
+    root = tmp_path_factory.mktemp("train")
+    workflow = _workflow([TRAIN], "train", epochs=2, val_interval=1, ckpt_dir=str(root / "models"),
+                         output_dir=str(root / "runs"))
+    assert workflow.check_properties() in (None, [])
+    workflow.run()
+    return workflow, root / "models"
+
+
+def test_training_writes_best_and_last_checkpoints(trained):
+    workflow, models = trained
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 2  # 2 crops, batch 2
+    assert np.isfinite(float(trainer.state.output[0]["loss"]))
+    assert (models / "model.pt").is_file() and (models / "last_checkpoint_epoch=2.pt").is_file()
+    assert not list(models.glob("*.tmp"))  # written atomically
+    best = torch.load(models / "model.pt", weights_only=True)
+    assert "sam.image_encoder.generators.0.shared_mlp.weight" in best  # a flat state dict of AllInSamNet
+    assert set(workflow.parser.get_parsed_content("validate#evaluator").state.metrics) == {"val_loss", "val_dice"}
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
+    _, models = trained
+    resumed_models = tmp_path / "models"
+    resumed_models.mkdir()
+    (resumed_models / "last_checkpoint_epoch=2.pt").write_bytes((models / "last_checkpoint_epoch=2.pt").read_bytes())
+    workflow = _workflow([TRAIN], "train", epochs=3, val_interval=5, ckpt_dir=str(resumed_models),
+                         output_dir=str(tmp_path / "runs"))
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 3 and trainer.state.iteration == 3  # one more epoch, not three
+    assert (resumed_models / "last_checkpoint_epoch=3.pt").is_file()
+
+
+def test_evaluate_writes_every_metric_per_image_and_mean(trained, tmp_path, sample_datalist):
+    _, models = trained
+    workflow = _workflow([INFER, EVALUATE], ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path))
+    workflow.run()
+    with open(tmp_path / "metrics.csv") as handle:
+        means = {name: float(value) for name, value in csv.reader(handle)}
+    assert set(means) == set(METRIC_NAMES)
+    for name in METRIC_NAMES:
+        with open(tmp_path / f"{name}_raw.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == len(sample_datalist["test"])
+        values = [float(row["class0"]) for row in rows]
+        assert all(0 <= value <= 1 for value in values if not np.isnan(value)), name
+        assert means[name] == pytest.approx(np.nanmean(values), abs=1e-4)
+
+
+def test_inference_writes_probability_and_mask_named_after_the_input(trained, tmp_path, sample_datalist):
+    _, models = trained
+    images = sorted(str(SAMPLE_CROPS / entry["image"]) for entry in sample_datalist["test"])
+    workflow = _workflow([INFER], "infer", ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path),
+                         input_glob=str(SAMPLE_CROPS / "images" / "TCGA-[2A][ZC]-*.png"))  # the two test crops
+    assert workflow.check_properties() in (None, [])
+    workflow.run()
+    assert len(list(tmp_path.glob("*.png"))) == 2 * len(images)
+    network = workflow.parser.get_parsed_content("network").eval()
+    for path in images:
+        name = path.rsplit("/", 1)[1].removesuffix(".png")
+        probability = np.asarray(Image.open(tmp_path / f"{name}_prob.png")) / 255
+        mask = np.asarray(Image.open(tmp_path / f"{name}_mask.png"))
+        image = torch.as_tensor(read_rgb_image(path)).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            expected = torch.sigmoid(network(image))[0, 0].numpy()  # one 256 window: the sliding window is exact
+        assert probability.shape == expected.shape == mask.shape
+        assert np.abs(probability - expected).max() <= 1 / 255 + 1e-6  # same orientation, PNG rounding only
+        assert set(np.unique(mask)) <= {0, 1}
+        assert np.array_equal(mask == 1, expected >= 0.5)
+
+
+def test_monuseg_dataset_config_swaps_in_by_merging(prepared_monuseg):
+    output, _ = prepared_monuseg
+    for labels, suffix in (("complete", "datalist_0.5pct_seed0.json"), ("weak", "datalist_0.5pct_seed0_weak.json")):
+        workflow = ConfigWorkflow(config_file=[str(TRAIN), str(MONUSEG)], workflow_type="train",
+                                  dataset_dir=str(output), labels=labels)
+        assert workflow.parser.get_parsed_content("datalist") == str(output / suffix)
+    workflow = ConfigWorkflow(config_file=[str(TRAIN), str(MONUSEG)], workflow_type="train", dataset_dir=str(output))
+    data = workflow.parser.get_parsed_content("train#dataset#data")
+    patches = json.loads((output / "datalist_0.5pct_seed0.json").read_text())["patches"]
+    assert len(data) == len(patches) == 3
+    transform = workflow.parser.get_parsed_content("train#preprocessing")
+    sample = transform(data[0])[0]
+    assert sample["image"].shape == (3, 256, 256) and sample["label"].shape == (1, 256, 256)
+    covered = (sample["image"] > 0).any(dim=0).float().mean().item()
+    assert covered > 0.55  # the 200x200 labelled patch padded to 256, not the black rest of the image
+    assert sample["label"].sum() > 0
