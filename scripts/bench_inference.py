@@ -21,7 +21,7 @@ BUNDLE = REPO / "bundles" / "allinsam"
 sys.path.insert(0, str(BUNDLE))
 
 
-def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25), sw_batch_size: int = 4) -> dict:
+def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25), sw_batch_size: int = 1) -> dict:
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "allinsam" / "configs"
 sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
 from scripts.metrics import METRIC_NAMES  # noqa: E402  (the bundle's package)
+from scripts.training import last_checkpoint  # noqa: E402
 
 TABLE_COLUMNS = ("dice", "auc", "recall", "precision", "best_f1", "iou", "adj", "aji", "detection_f1", "pq")
 
@@ -49,8 +50,14 @@ def _run_logged(command: list[str], log: Path) -> float:
 
 def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), seeds: str | tuple = (0, 1, 2),
         epochs: int = 15, val_interval: int = 5, val_crop_size: int = 256, sw_overlap: float = 0.0,
-        dataset_dir: str = "data/monuseg", runs_dir: str | None = None, **overrides) -> str:
-    """Train + evaluate every (labels, seed); extra ``--key value`` options go to training (e.g. ``--batch_size 1``)."""
+        checkpoint: str = "last", dataset_dir: str = "data/monuseg", runs_dir: str | None = None, **overrides) -> str:
+    """Train + evaluate every (labels, seed); extra ``--key value`` options go to training (e.g. ``--batch_size 1``).
+
+    ``checkpoint``: ``last`` (the final epoch; for short CPU budgets, where the validation Dice of a few
+    validation crops is a noisy pick) or ``best`` (``model.pt``, best validation Dice).
+    """
+    if checkpoint not in ("last", "best"):
+        raise ValueError(f"checkpoint must be 'last' or 'best', got {checkpoint!r}")
     labels = labels.split(",") if isinstance(labels, str) else list(labels)
     seeds = [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
     runs = Path(runs_dir or REPO / "runs" / f"grid_{fraction}")
@@ -66,7 +73,8 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
                      **overrides}
             seconds = _run_logged(_bundle_command([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"],
                                                   "training", train), run_dir / "train.log")
-            evaluate = {**dataset, "labels": label, "ckpt_path": run_dir / "models" / "model.pt",
+            weights = run_dir / "models" / "model.pt" if checkpoint == "best" else last_checkpoint(run_dir / "models")
+            evaluate = {**dataset, "labels": label, "ckpt_path": weights,
                         "output_dir": run_dir / "test", "sw_overlap": sw_overlap}
             eval_seconds = _run_logged(_bundle_command(
                 [CONFIGS / "inference.json", CONFIGS / "evaluate.json", CONFIGS / "datasets" / "monuseg.json"],
