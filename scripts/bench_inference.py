@@ -28,7 +28,8 @@ def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25), sw_ba
     paths = sorted(path for pattern in images.split(",") for path in glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no image matches {images}")
-    overlaps = [float(value) for value in (overlaps.split(",") if isinstance(overlaps, str) else overlaps)]
+    overlaps = [float(value) for value in (str(overlaps).split(",") if isinstance(overlaps, (str, int, float))
+                                           else overlaps) if str(value).strip()]
     results = {}
     for overlap in overlaps:
         with tempfile.TemporaryDirectory() as output:

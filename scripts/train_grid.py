@@ -101,7 +101,7 @@ def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str 
     output.parent.mkdir(parents=True, exist_ok=True)
     header = ["labels", "data", "seeds"] + list(TABLE_COLUMNS)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    with open(output.with_suffix(".csv"), "w", newline="") as handle:
+    with open(output.with_name(output.name + ".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["labels", "data", "seed"] + list(METRIC_NAMES))
         for (fraction, label), runs in sorted(rows.items()):
@@ -114,9 +114,9 @@ def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str 
     text = (f"# All-in-SAM (LiteMedSAM + SAM-Adapter) on the MoNuSeg test set (14 images)\n\n"
             f"Hardware: {hardware}. Mean ± sd over seeds of each run's mean over the test images. {note}\n\n"
             + "\n".join(lines) + "\n")
-    output.with_suffix(".md").write_text(text)
+    output.with_name(output.name + ".md").write_text(text)
     print(text)
-    return str(output.with_suffix(".md"))
+    return str(output.with_name(output.name + ".md"))
 
 
 if __name__ == "__main__":
