@@ -1,7 +1,9 @@
-"""Train and evaluate the allinsam bundle over label types and seeds, then tabulate the test metrics (METHOD.md sec. 6).
+"""Train and evaluate a bundle over label types and seeds: the allinsam bundle (``run``, tabulated by ``table``) or the
+nnunet_baseline bundle (``nnunet``, scored with ``scripts/compare.py``) on the same datalists (METHOD.md sec. 6).
 
     python scripts/train_grid.py run --fraction 0.5pct --labels complete,weak --seeds 0,1,2 --epochs 15
     python scripts/train_grid.py table --runs_dir runs/grid_0.5pct --output docs/results/allinsam_0.5pct_cpu
+    python scripts/train_grid.py nnunet --fraction 0.5pct --epochs 10 --iterations_per_epoch 50   # the baseline
 
 Each run is the bundle's own two commands (``monai.bundle run training`` with ``configs/datasets/monuseg.json``
 merged, then ``inference.json`` + ``evaluate.json`` on the test split), logged to ``<runs_dir>/<tag>/*.log``.
@@ -35,10 +37,11 @@ def _bundle_command(config_files: list[Path], run_id: str | None, overrides: dic
 
 
 def _run_logged(command: list[str], log: Path) -> float:
-    """Run ``command`` with output to ``log``; seconds taken. Raises with the log's tail when it fails."""
+    """Run ``command`` with output appended to ``log`` (a resumed run keeps the history); seconds taken. Raises with
+    the log's tail when it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(log, "w") as handle:
+    with open(log, "a") as handle:
         handle.write(" ".join(command) + "\n")
         handle.flush()
         result = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
@@ -84,6 +87,38 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
     return str(runs)
 
 
+def nnunet(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), seeds: str | tuple = (0, 1, 2),
+           epochs: int = 1000, iterations_per_epoch: int = 250, use_mirroring: bool = True, tile_step_size: float = 0.5,
+           dataset_dir: str = "data/monuseg", runs_dir: str | None = None, **overrides) -> str:
+    """The nnunet_baseline bundle on the same datalists: train (``configs/train.json``) and predict the test split
+    (``configs/inference.json``) per (labels, seed), into ``<runs_dir>/<fraction>_<labels>_seed<s>/test``; score
+    with ``scripts/compare.py``. Extra ``--key value`` options go to training (e.g. ``--val_iterations_per_epoch``).
+    A run whose ``timing.csv`` exists is skipped; a killed training resumes from nnU-Net's latest checkpoint."""
+    labels = labels.split(",") if isinstance(labels, str) else list(labels)
+    seeds = [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
+    configs = REPO / "bundles" / "nnunet_baseline" / "configs"
+    runs = Path(runs_dir or REPO / "runs" / f"nnunet_{fraction}")
+    for seed in seeds:
+        for label in labels:
+            run_dir = runs / f"{fraction}_{label}_seed{seed}"
+            if (run_dir / "timing.csv").is_file():
+                print(f"{run_dir.name}: done already")
+                continue
+            dataset = {"dataset_dir": dataset_dir, "fraction": fraction, "labels": label, "work_dir": run_dir / "nnunet"}
+            train = {**dataset, "seed": seed, "epochs": epochs, "iterations_per_epoch": iterations_per_epoch,
+                     **overrides}
+            seconds = _run_logged(_bundle_command([configs / "train.json", configs / "datasets" / "monuseg.json"],
+                                                  "training", train), run_dir / "train.log")
+            predict = {**dataset, "output_dir": run_dir / "test", "use_mirroring": use_mirroring,
+                       "tile_step_size": tile_step_size}
+            predict_seconds = _run_logged(_bundle_command(
+                [configs / "inference.json", configs / "datasets" / "monuseg.json"], None, predict),
+                run_dir / "predict.log")
+            (run_dir / "timing.csv").write_text(f"train_s,predict_s\n{seconds:.1f},{predict_seconds:.1f}\n")
+            print(f"{run_dir.name}: trained in {seconds:.0f} s, predicted in {predict_seconds:.0f} s")
+    return str(runs)
+
+
 def _read_means(metrics_csv: Path) -> dict[str, float]:
     with open(metrics_csv) as handle:
         return {name: float(value) for name, value in csv.reader(handle)}
@@ -120,4 +155,4 @@ def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str 
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "table": table}, serialize=lambda result: None)
+    fire.Fire({"run": run, "nnunet": nnunet, "table": table}, serialize=lambda result: None)

@@ -155,7 +155,8 @@ def detection_f1_pq(prediction: np.ndarray, truth: np.ndarray, iou_threshold: fl
 
 
 def nuclei_metrics(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
-                   instances: str = "components", names: tuple[str, ...] = METRIC_NAMES) -> dict[str, float]:
+                   instances: str = "components", names: tuple[str, ...] = METRIC_NAMES,
+                   mask: np.ndarray | None = None) -> dict[str, float]:
     """The named metrics of one image.
 
     Args:
@@ -165,14 +166,18 @@ def nuclei_metrics(probability: np.ndarray, truth: np.ndarray, threshold: float 
             instances).
         threshold: probability >= threshold is foreground.
         instances: how predicted instances are formed, ``components`` or ``watershed``.
+        mask: (H, W) the binary prediction when it was stored apart (e.g. a ``*_mask.png``, non-zero =
+            foreground); otherwise ``probability >= threshold``.
     """
     unknown = set(names) - set(METRIC_NAMES)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRIC_NAMES}")
     probability, truth = np.asarray(probability, dtype=np.float64), np.asarray(truth)
-    if probability.shape != truth.shape:
-        raise ValueError(f"prediction shape {probability.shape} differs from the truth's {truth.shape}")
-    binary, truth_mask = probability >= threshold, truth > 0
+    if probability.shape != truth.shape or (mask is not None and np.shape(mask) != truth.shape):
+        shapes = probability.shape if mask is None else (probability.shape, np.shape(mask))
+        raise ValueError(f"prediction shape {shapes} differs from the truth's {truth.shape}")
+    binary = probability >= threshold if mask is None else np.asarray(mask) > 0
+    truth_mask = truth > 0
     values = {}
     if {"dice", "iou"} & set(names):
         values["dice"], values["iou"] = dice_iou(binary, truth_mask)

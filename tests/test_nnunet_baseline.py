@@ -1,0 +1,107 @@
+"""nnunet_baseline bundle: conversion accepted by nnU-Net's own integrity check, and a tiny real CPU training +
+prediction through ``monai.bundle run`` on the real MoNuSeg sample crops.
+
+The bundle's ``scripts`` package shares its name with the allinsam bundle's (MONAI's convention), so the bundle
+runs in subprocesses, as users run it, and its conversion module is loaded from its file.
+"""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, SAMPLE_CROPS
+
+BUNDLE = REPO / "bundles" / "nnunet_baseline"
+CONFIGS = BUNDLE / "configs"
+
+
+def _raw_dataset_module():
+    spec = importlib.util.spec_from_file_location("nnunet_raw_dataset", BUNDLE / "scripts" / "raw_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sample_copy(tmp_path):
+    """A writable copy of the sample crops (their datalist paths are relative)."""
+    copy = tmp_path / "crops"
+    shutil.copytree(SAMPLE_CROPS, copy)
+    return copy
+
+
+def test_conversion_passes_nnunet_integrity_check(tmp_path):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    raw = _raw_dataset_module()
+    datalist = SAMPLE_CROPS / "datalist.json"
+    folder = raw.write_raw_dataset(str(datalist), str(tmp_path / "nnUNet_raw"), "Dataset001_Crops",
+                                   ("training", "validation"))
+    dataset = json.loads((tmp_path / "nnUNet_raw" / "Dataset001_Crops" / "dataset.json").read_text())
+    assert dataset["numTraining"] == 3 and dataset["file_ending"] == ".png"
+    assert dataset["channel_names"] == {"0": "R", "1": "G", "2": "B"} and dataset["labels"]["nucleus"] == 1
+    verify_dataset_integrity(folder, num_processes=1)  # nnU-Net's own check; raises on a bad dataset
+    entry = json.loads(datalist.read_text())["training"][0]
+    case = entry["image"].split("/")[-1][:-4]
+    assert (tmp_path / "nnUNet_raw/Dataset001_Crops/imagesTr" / f"{case}_0000.png").read_bytes() == \
+        (SAMPLE_CROPS / entry["image"]).read_bytes()
+    # same data again: a no-op; different data under the same name: refused
+    assert raw.write_raw_dataset(str(datalist), str(tmp_path / "nnUNet_raw"), "Dataset001_Crops",
+                                 ("training", "validation")) == folder
+    with pytest.raises(FileExistsError, match="different dataset"):
+        raw.write_raw_dataset(str(datalist), str(tmp_path / "nnUNet_raw"), "Dataset001_Crops", ("training",))
+
+
+def test_conversion_names_the_bad_file(tmp_path):
+    raw = _raw_dataset_module()
+    crops = _sample_copy(tmp_path)
+    entry = json.loads((crops / "datalist.json").read_text())["training"][0]
+    label = crops / entry["label"]
+    Image.fromarray((np.asarray(Image.open(label)) > 0).astype(np.uint8) * 255).save(label)
+    with pytest.raises(ValueError, match=f"{label.name}.*0 \\(background\\) / 1"):
+        raw.write_raw_dataset(str(crops / "datalist.json"), str(tmp_path / "raw"), "Dataset002_Bad")
+    image = crops / entry["image"]
+    Image.open(image).convert("L").save(image)
+    with pytest.raises(ValueError, match=f"{image.name}.*mode L"):
+        raw.write_raw_dataset(str(crops / "datalist.json"), str(tmp_path / "raw"), "Dataset002_Bad")
+    assert not (tmp_path / "raw" / "Dataset002_Bad").exists()
+
+
+def _bundle(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_tiny_cpu_training_resume_and_prediction(tmp_path):
+    datalist = SAMPLE_CROPS / "datalist.json"
+    common = ["--work_dir", str(tmp_path / "work"), "--device", "$torch.device('cpu')"]
+    train = ["training", "--config_file", str(CONFIGS / "train.json"), "--datalist", str(datalist),
+             "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", *common]
+    _bundle(*train, "--epochs", "1")
+    fold = tmp_path / "work/nnUNet_results/Dataset001_MoNuSeg/nnUNetTrainer__nnUNetPlans__2d/fold_all"
+    assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 1
+    # a second run with more epochs continues from the checkpoint instead of starting again
+    second = _bundle(*train, "--epochs", "2")
+    assert "planned and preprocessed already" in second.stdout
+    assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2
+    assert "Epoch 0" not in (second.stdout + second.stderr)
+    # prediction of the test crops, in the allinsam bundle's layout
+    _bundle("--config_file", str(CONFIGS / "inference.json"), "--datalist", str(datalist), "--use_mirroring",
+            "false", "--output_dir", str(tmp_path / "predictions"), *common)
+    for entry in json.loads(datalist.read_text())["test"]:
+        name = entry["image"].split("/")[-1][:-4]
+        image = np.asarray(Image.open(SAMPLE_CROPS / entry["image"]))
+        probability = np.asarray(Image.open(tmp_path / "predictions" / f"{name}_prob.png"))
+        mask = np.asarray(Image.open(tmp_path / "predictions" / f"{name}_mask.png"))
+        assert probability.shape == mask.shape == image.shape[:2]
+        assert set(np.unique(mask).tolist()) <= {0, 1}
+        # the mask is the argmax of the two-class softmax: foreground exactly where the probability is above 1/2
+        assert np.all(probability[mask == 1] >= 127) and np.all(probability[mask == 0] <= 128)
