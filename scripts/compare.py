@@ -66,12 +66,12 @@ def _run_key(folder: Path) -> tuple[str, str, int]:
     raise ValueError(f"{folder}: no path component named <fraction>_<labels>_seed<seed> (e.g. 0.5pct_weak_seed0)")
 
 
-def _test_cases(datalist: str) -> dict[str, str]:
-    """Test image name -> its truth instance map (or mask) path, from the datalist's ``test`` split."""
+def _test_cases(datalist: str) -> dict[str, tuple[str, str]]:
+    """Test image name -> (image path, truth instance map (or mask) path), from the datalist's ``test`` split."""
     from monai.data import load_decathlon_datalist
 
     entries = load_decathlon_datalist(datalist, data_list_key="test", base_dir=os.path.dirname(os.path.abspath(datalist)))
-    return {Path(entry["image"]).stem: entry.get("instances", entry["label"]) for entry in entries}
+    return {Path(entry["image"]).stem: (entry["image"], entry.get("instances", entry["label"])) for entry in entries}
 
 
 def score_folder(folder: str, truths: dict[str, np.ndarray], instances: str = "components") -> dict[str, dict]:
@@ -117,8 +117,8 @@ def table(runs: str | dict, datalist: str = "data/monuseg/datalist_all.json", ou
           note: str = "", panel_image: str | None = None) -> str:
     """Score every run folder, write the table (Markdown + CSV), the per-image CSV, the Dice figure and the panel."""
     folders = _parse_runs(runs)
-    truth_paths = _test_cases(datalist)
-    truths = {name: _read_png(Path(path)) for name, path in truth_paths.items()}
+    cases = _test_cases(datalist)
+    truths = {name: _read_png(Path(truth)) for name, (_, truth) in cases.items()}
     names = sorted(truths)
     scores = {}  # (method, fraction, labels, seed) -> {image: metrics}
     for method, method_folders in folders.items():
@@ -159,7 +159,7 @@ def table(runs: str | dict, datalist: str = "data/monuseg/datalist_all.json", ou
     first = {}
     for (method, fraction, labels, seed), (folder, _) in sorted(scores.items()):
         first.setdefault((method, labels, fraction), folder)
-    _plot_panel(first, panel_image or names[0], truths, truth_paths, datalist,
+    _plot_panel(first, panel_image or names[0], truths, cases, datalist,
                 output.with_name(output.name + "_panel.png"))
     return str(output.with_name(output.name + ".md"))
 
@@ -256,7 +256,7 @@ def outcome_map(mask: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return OUTCOME_COLOURS[outcome]
 
 
-def _plot_panel(folders: dict, name: str, truths: dict, truth_paths: dict, datalist: str, path: Path) -> None:
+def _plot_panel(folders: dict, name: str, truths: dict, cases: dict, datalist: str, path: Path) -> None:
     """The test image ``name`` and, per (method, labels, fraction) (its lowest seed), the outcome map."""
     import matplotlib
 
@@ -265,10 +265,7 @@ def _plot_panel(folders: dict, name: str, truths: dict, truth_paths: dict, datal
 
     if name not in truths:
         raise ValueError(f"panel_image {name!r} is not a test image of {datalist}")
-    from monai.data import load_decathlon_datalist
-
-    entries = load_decathlon_datalist(datalist, data_list_key="test", base_dir=os.path.dirname(os.path.abspath(datalist)))
-    image = _read_png(Path(next(e["image"] for e in entries if Path(e["image"]).stem == name)))
+    image = _read_png(Path(cases[name][0]))
     panels = [("image", image)] + [(f"{m}, {l}, {f}", outcome_map(_read_png(Path(folder) / f"{name}_mask.png"),
                                                                   truths[name]))
                                    for (m, l, f), folder in sorted(folders.items())]

@@ -11,6 +11,7 @@ A finished run (its ``test/metrics.csv`` exists) is skipped, so a killed grid re
 """
 
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -26,6 +27,17 @@ from scripts.metrics import METRIC_NAMES  # noqa: E402  (the bundle's package)
 from scripts.training import last_checkpoint  # noqa: E402
 
 TABLE_COLUMNS = ("dice", "auc", "recall", "precision", "best_f1", "iou", "adj", "aji", "detection_f1", "pq")
+
+
+def _check_options(config_files: list[Path], options: dict) -> None:
+    """Refuse an extra ``--key value`` that no config file defines (a typo, or fire's ``--help`` taken as an option),
+    before any run starts."""
+    known = set().union(*(json.loads(Path(path).read_text()) for path in config_files))
+    unknown = sorted(key for key in options if key.split("#")[0] not in known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join('--' + key for key in unknown)}: not a key of "
+                         f"{', '.join(str(Path(path).relative_to(REPO)) for path in config_files)} "
+                         f"(help: `python scripts/{Path(__file__).name} <command> -- --help`)")
 
 
 def _bundle_command(config_files: list[Path], run_id: str | None, overrides: dict) -> list[str]:
@@ -51,6 +63,12 @@ def _run_logged(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def _grid(labels: str | tuple, seeds: str | int | tuple) -> tuple[list[str], list[int]]:
+    """Fire's ``--labels complete,weak --seeds 0,1,2`` (strings, ints or tuples) -> (labels, seeds) lists."""
+    labels = labels.split(",") if isinstance(labels, str) else list(labels)
+    return labels, [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
+
+
 def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), seeds: str | tuple = (0, 1, 2),
         epochs: int = 15, val_interval: int = 5, val_crop_size: int = 256, sw_overlap: float = 0.0,
         checkpoint: str = "last", dataset_dir: str = "data/monuseg", runs_dir: str | None = None, **overrides) -> str:
@@ -61,8 +79,8 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
     """
     if checkpoint not in ("last", "best"):
         raise ValueError(f"checkpoint must be 'last' or 'best', got {checkpoint!r}")
-    labels = labels.split(",") if isinstance(labels, str) else list(labels)
-    seeds = [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
+    _check_options([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"], overrides)
+    labels, seeds = _grid(labels, seeds)
     runs = Path(runs_dir or REPO / "runs" / f"grid_{fraction}")
     dataset = {"dataset_dir": dataset_dir, "fraction": fraction}
     for seed in seeds:
@@ -94,9 +112,9 @@ def nnunet(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"),
     (``configs/inference.json``) per (labels, seed), into ``<runs_dir>/<fraction>_<labels>_seed<s>/test``; score
     with ``scripts/compare.py``. Extra ``--key value`` options go to training (e.g. ``--val_iterations_per_epoch``).
     A run whose ``timing.csv`` exists is skipped; a killed training resumes from nnU-Net's latest checkpoint."""
-    labels = labels.split(",") if isinstance(labels, str) else list(labels)
-    seeds = [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
     configs = REPO / "bundles" / "nnunet_baseline" / "configs"
+    _check_options([configs / "train.json", configs / "datasets" / "monuseg.json"], overrides)
+    labels, seeds = _grid(labels, seeds)
     runs = Path(runs_dir or REPO / "runs" / f"nnunet_{fraction}")
     for seed in seeds:
         for label in labels:

@@ -105,3 +105,13 @@ def test_tiny_cpu_training_resume_and_prediction(tmp_path):
         assert set(np.unique(mask).tolist()) <= {0, 1}
         # the mask is the argmax of the two-class softmax: foreground exactly where the probability is above 1/2
         assert np.all(probability[mask == 1] >= 127) and np.all(probability[mask == 0] <= 128)
+
+
+def test_grid_refuses_an_option_no_config_defines_before_running(tmp_path):
+    import train_grid
+
+    with pytest.raises(ValueError, match="--help: not a key of bundles/nnunet_baseline/configs/train.json"):
+        train_grid.nnunet(runs_dir=str(tmp_path), help=True)  # fire's --help swallowed as an option
+    with pytest.raises(ValueError, match="--batch_sise"):
+        train_grid.run(runs_dir=str(tmp_path), batch_sise=1)
+    assert not list(tmp_path.iterdir())  # nothing started
