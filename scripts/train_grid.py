@@ -63,10 +63,14 @@ def _run_logged(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def seed_list(seeds: str | int | tuple) -> list[int]:
+    """Fire's ``--seeds 0,1,2`` (a string, an int or a tuple) -> [0, 1, 2]."""
+    return [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
+
+
 def _grid(labels: str | tuple, seeds: str | int | tuple) -> tuple[list[str], list[int]]:
-    """Fire's ``--labels complete,weak --seeds 0,1,2`` (strings, ints or tuples) -> (labels, seeds) lists."""
-    labels = labels.split(",") if isinstance(labels, str) else list(labels)
-    return labels, [int(seed) for seed in (str(seeds).split(",") if isinstance(seeds, (str, int)) else seeds)]
+    """Fire's ``--labels complete,weak --seeds 0,1,2`` -> (labels, seeds) lists."""
+    return (labels.split(",") if isinstance(labels, str) else list(labels)), seed_list(seeds)
 
 
 def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), seeds: str | tuple = (0, 1, 2),

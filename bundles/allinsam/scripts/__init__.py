@@ -2,7 +2,10 @@
 
 - ``networks/``: SAM-family backbones (LiteMedSAM, segment-anything ViT-B/L/H) and their loading.
 - ``annotation/``: SAM-empowered annotation, boxes -> instance maps.
-- ``data/``: instance maps, boxes and image/label file I/O shared by every workflow.
+- ``data/``: instance maps, boxes, class maps and image/label file I/O shared by every workflow.
+- ``losses/``: Dice + BCE per class and MOCL (molecular-oriented corrective learning).
+- ``metrics/``: the nuclei metrics of every workflow and both bundles.
+- ``training/``: resuming a run, or starting one from another run's weights.
 """
 
 from pathlib import Path

@@ -1,7 +1,10 @@
+from .classes import SplitClassesd, prediction_writers
 from .image_io import read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic
 from .instances import boxes_from_instances, relabel_sequential
 
 __all__ = [
+    "SplitClassesd",
+    "prediction_writers",
     "boxes_from_instances",
     "read_instance_map",
     "read_rgb_image",

@@ -68,26 +68,37 @@ class AllInSamNet(nn.Module):
             self.frozen_encoder[0].eval()
         return self
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, return_features: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C, S, S); with ``return_features`` also the decoder's per-pixel embedding E (B, D, S, S)
+        (the upscaled image embedding the mask tokens are read from; D = 32 for every SAM here), for MOCL."""
         size = self.image_size
         if image.ndim != 4 or image.shape[1] != 3 or tuple(image.shape[-2:]) != (size, size):
             raise ValueError(f"AllInSamNet expects (B, 3, {size}, {size}) RGB in [0, 1], got {tuple(image.shape)}")
         encoder_input = self.sam.preprocess(image * 255.0)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable != "decoder"):
             embeddings = self.sam.image_encoder(encoder_input)
-        return F.interpolate(self.decode(embeddings), size=(size, size), mode="bilinear", align_corners=False)
+        logits, features = self.decode(embeddings)
+        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        if not return_features:
+            return logits
+        return logits, F.interpolate(features, size=(size, size), mode="bilinear", align_corners=False)
 
-    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, 256, E, E) -> (B, C, 4E, 4E) low-resolution logits, with no prompt: no sparse tokens, the no-mask
-        dense embedding. One image per decoder call: segment-anything's decoder pairs every image with every
-        prompt set in a batch."""
-        prompt_encoder = self.sam.prompt_encoder
+    def decode(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 256, E, E) -> (B, C, 4E, 4E) low-resolution logits and the decoder's (B, D, 4E, 4E) per-pixel
+        embedding, with no prompt: no sparse tokens, the no-mask dense embedding. One image per decoder call:
+        segment-anything's decoder pairs every image with every prompt set in a batch."""
+        prompt_encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
         positional = prompt_encoder.get_dense_pe()
         sparse = embeddings.new_empty((1, 0, prompt_encoder.embed_dim))
         dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *embeddings.shape[-2:])
-        masks = [self.sam.mask_decoder.predict_masks(embedding[None], positional, sparse, dense)[0]
-                 for embedding in embeddings]
-        return torch.cat(masks)[:, :self.out_channels]
+        features = []  # predict_masks does not return it: read the output of its upscaling block
+        hook = decoder.output_upscaling.register_forward_hook(lambda module, args, output: features.append(output))
+        try:
+            masks = [decoder.predict_masks(embedding[None], positional, sparse, dense)[0] for embedding in embeddings]
+        finally:
+            hook.remove()
+        return torch.cat(masks)[:, :self.out_channels], torch.cat(features)
 
 
 def _build_backbone(backbone: str, checkpoint, pretrained: bool, image_size: int) -> SamBackbone:

@@ -1,3 +1,3 @@
-from .checkpoints import LAST_CHECKPOINT_PREFIX, last_checkpoint, resume_from_last_checkpoint
+from .checkpoints import LAST_CHECKPOINT_PREFIX, last_checkpoint, resume_from_last_checkpoint, resume_or_start_from
 
-__all__ = ["LAST_CHECKPOINT_PREFIX", "last_checkpoint", "resume_from_last_checkpoint"]
+__all__ = ["LAST_CHECKPOINT_PREFIX", "last_checkpoint", "resume_from_last_checkpoint", "resume_or_start_from"]

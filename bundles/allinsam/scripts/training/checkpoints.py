@@ -27,3 +27,21 @@ def resume_from_last_checkpoint(trainer: Engine, checkpoint_dir: str | os.PathLi
     logger.info(f"resuming from {path} (use a new ckpt_dir, or --resume false, to start afresh)")
     CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location=torch.device("cpu")).attach(trainer)
     return path
+
+
+def resume_or_start_from(trainer: Engine, checkpoint_dir: str | os.PathLike, load_dict: dict,
+                         start_checkpoint: str | os.PathLike) -> Path:
+    """Resume from the newest last-epoch checkpoint in ``checkpoint_dir`` if there is one, else start from the model
+    weights of ``start_checkpoint`` (a ``model.pt`` or ``last_*.pt`` of an earlier training: fine-tuning).
+    Returns the checkpoint used."""
+    resumed = resume_from_last_checkpoint(trainer, checkpoint_dir, load_dict)
+    if resumed is not None:
+        return resumed
+    start_checkpoint = Path(start_checkpoint)
+    if not start_checkpoint.is_file():
+        raise FileNotFoundError(f"{start_checkpoint}: no such checkpoint to start fine-tuning from (train the "
+                                f"plain model first with configs/train.json, or pass --start_ckpt)")
+    logger.info(f"starting from the weights of {start_checkpoint}")
+    CheckpointLoader(load_path=str(start_checkpoint), load_dict={"model": load_dict["model"]},
+                     map_location=torch.device("cpu")).attach(trainer)
+    return start_checkpoint

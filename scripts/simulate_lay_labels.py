@@ -1,0 +1,183 @@
+"""A two-class nuclei task with noisy "lay" labels made from MoNuSeg ground truth: a proxy for P2's private kidney
+PAS/IF data (podocyte / mesangial cells annotated by lay annotators), NOT that data.
+
+    python scripts/simulate_lay_labels.py --dataset_dir data/monuseg --seeds 0,1,2 --test_crop_size 512
+
+Class rule (reproducible, documented in ``two_class/simulation.json``): a nucleus is ``large`` (class 2) when its
+area in pixels is at least the median area of the training split's nuclei, else ``small`` (class 1).
+
+Noise model (seeded by ``(seed, image name)``), applied to the training and validation images only; the test split
+keeps the clean truth:
+
+- missed nuclei: each nucleus is dropped with probability ``miss_rate``;
+- boundaries: each kept nucleus is eroded or dilated (even odds) by 1..``boundary_radius`` px with probability
+  ``boundary_rate`` (a nucleus eroded away counts as missed; dilation does not enter other nuclei);
+- class flips: each kept nucleus gets the other class with probability ``flip_rate``;
+- false nuclei: ``false_rate`` x (number of true nuclei) ellipses, sized like the image's nuclei, placed on
+  background, of a random class.
+
+Writes under ``<dataset_dir>/two_class/``: ``classes/<name>.png`` (clean class maps, uint8 0/1/2),
+``lay_seed<s>/{labels,instances,classes}/<name>.png``, ``test/{images,instances,classes}/`` (central
+``test_crop_size`` crops when given, for CPU budgets), ``datalist_clean.json``, ``datalist_lay_seed<s>.json`` (the
+``configs/datasets/monuseg_two_class.json`` layout: ``image``, ``label`` (binary), ``instances``, ``classes``) and
+``simulation.json``. Re-running with the same options rewrites identical files.
+"""
+
+import json
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import fire
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "allinsam"))
+from scripts.data import read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic  # noqa: E402
+from train_grid import seed_list  # noqa: E402
+
+CLASSES = ("small", "large")
+TEST_FOLDERS = {"image": "images", "label": "labels", "instances": "instances", "classes": "classes"}
+
+
+def size_classes(instances: np.ndarray, threshold: float) -> np.ndarray:
+    """Class id per instance id (index 0 = background): 2 (large) if area >= ``threshold`` px, else 1 (small)."""
+    areas = np.bincount(instances.ravel())
+    classes = np.where(areas >= threshold, 2, 1).astype(np.uint8)
+    classes[0] = 0
+    return classes
+
+
+def _ellipse(shape: tuple[int, int], centre: tuple[int, int], axes: tuple[float, float], angle: float) -> np.ndarray:
+    rows, cols = np.ogrid[:shape[0], :shape[1]]
+    dy, dx = rows - centre[0], cols - centre[1]
+    cos, sin = np.cos(angle), np.sin(angle)
+    return ((dx * cos + dy * sin) / axes[0]) ** 2 + ((-dx * sin + dy * cos) / axes[1]) ** 2 <= 1.0
+
+
+def lay_annotation(instances: np.ndarray, classes: np.ndarray, rng: np.random.Generator, miss_rate: float,
+                   boundary_rate: float, boundary_radius: int, flip_rate: float, false_rate: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Clean instance map (H, W) and class per id -> noisy (instance map uint16, class map uint8), see the module."""
+    noisy = np.zeros(instances.shape, np.uint16)
+    noisy_classes = np.zeros(instances.shape, np.uint8)
+    background = instances == 0
+    pad = boundary_radius + 1
+    next_id = 1
+    for index, box in enumerate(ndimage.find_objects(instances)):
+        if box is None or rng.random() < miss_rate:
+            continue
+        instance_id = index + 1
+        window = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in box)
+        mask = instances[window] == instance_id
+        if rng.random() < boundary_rate:
+            radius = int(rng.integers(1, boundary_radius + 1))
+            if rng.random() < 0.5:
+                mask = ndimage.binary_erosion(mask, iterations=radius)
+            else:
+                mask = ndimage.binary_dilation(mask, iterations=radius) & (mask | background[window])
+        mask &= noisy[window] == 0
+        if not mask.any():
+            continue
+        label = int(classes[instance_id])
+        if rng.random() < flip_rate:
+            label = 3 - label
+        noisy[window][mask], noisy_classes[window][mask] = next_id, label
+        next_id += 1
+    count = len(classes) - 1
+    radii = np.sqrt(np.bincount(instances.ravel())[1:] / np.pi)
+    radii = radii[radii > 0]
+    free = background & (noisy == 0)
+    for _ in range(rng.binomial(count, false_rate) if count else 0):
+        radius = float(rng.choice(radii))
+        candidates = np.flatnonzero(ndimage.binary_erosion(free, iterations=max(int(radius), 1)))
+        if not candidates.size:
+            break
+        centre = np.unravel_index(int(rng.choice(candidates)), instances.shape)
+        axes = (radius * rng.uniform(0.8, 1.25), radius * rng.uniform(0.8, 1.25))
+        mask = _ellipse(instances.shape, centre, axes, rng.uniform(0, np.pi)) & free
+        noisy[mask], noisy_classes[mask] = next_id, int(rng.integers(1, 3))
+        free &= ~mask
+        next_id += 1
+    return noisy, noisy_classes
+
+
+def _centre_crop(array: np.ndarray, size: int | None) -> np.ndarray:
+    if size is None or min(array.shape[:2]) <= size:
+        return array
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+def simulate(dataset_dir: str = "data/monuseg", seeds: str | int | tuple = (0,), miss_rate: float = 0.2,
+             boundary_rate: float = 0.5, boundary_radius: int = 2, flip_rate: float = 0.2, false_rate: float = 0.1,
+             test_crop_size: int | None = None) -> str:
+    """Write the two-class task and its lay labels (see the module docstring); returns the output folder."""
+    from monai.data import load_decathlon_datalist
+
+    for name, rate in (("miss_rate", miss_rate), ("boundary_rate", boundary_rate), ("flip_rate", flip_rate),
+                       ("false_rate", false_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {rate}")
+    seeds = seed_list(seeds)
+    dataset = Path(dataset_dir)
+    datalist_path = dataset / "datalist_all.json"
+    if not datalist_path.is_file():
+        raise FileNotFoundError(f"{datalist_path}: not found; run scripts/prepare_monuseg.py first")
+    splits = {key: load_decathlon_datalist(str(datalist_path), data_list_key=key, base_dir=str(dataset))
+              for key in ("training", "validation", "test")}
+    output = dataset / "two_class"
+    training_areas = np.concatenate([np.bincount(read_instance_map(entry["instances"]).ravel())[1:]
+                                     for entry in splits["training"]])
+    threshold = float(np.median(training_areas[training_areas > 0]))
+    clean, lay = {"training": [], "validation": [], "test": []}, {seed: {"training": [], "validation": []}
+                                                                 for seed in seeds}
+    for split, entries in splits.items():
+        for entry in tqdm(entries, desc=f"two-class {split}", unit="image"):
+            name = Path(entry["image"]).stem
+            instances = read_instance_map(entry["instances"])
+            class_of_id = size_classes(instances, threshold)
+            class_map = class_of_id[instances]
+            if split == "test":
+                crop = {"image": _centre_crop(read_rgb_image(entry["image"]), test_crop_size),
+                        "instances": _centre_crop(instances, test_crop_size),
+                        "classes": _centre_crop(class_map, test_crop_size)}
+                crop["label"] = (crop["instances"] > 0).astype(np.uint8)
+                paths = {key: f"test/{folder}/{name}.png" for key, folder in TEST_FOLDERS.items()}
+                for key, array in crop.items():
+                    write_png_atomic(output / paths[key], array)
+                clean["test"].append(paths)
+                continue
+            write_png_atomic(output / "classes" / f"{name}.png", class_map)
+            image = os.path.relpath(entry["image"], output)
+            clean[split].append({"image": image, "label": os.path.relpath(entry["label"], output),
+                                 "instances": os.path.relpath(entry["instances"], output),
+                                 "classes": f"classes/{name}.png"})
+            for seed in seeds:
+                rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+                noisy, noisy_classes = lay_annotation(instances, class_of_id, rng, miss_rate, boundary_rate,
+                                                      boundary_radius, flip_rate, false_rate)
+                folder = f"lay_seed{seed}"
+                write_png_atomic(output / folder / "instances" / f"{name}.png", noisy)
+                write_png_atomic(output / folder / "labels" / f"{name}.png", (noisy > 0).astype(np.uint8))
+                write_png_atomic(output / folder / "classes" / f"{name}.png", noisy_classes)
+                lay[seed][split].append({"image": image, "label": f"{folder}/labels/{name}.png",
+                                         "instances": f"{folder}/instances/{name}.png",
+                                         "classes": f"{folder}/classes/{name}.png"})
+    write_json_atomic(output / "datalist_clean.json", {"classes": list(CLASSES), **clean})
+    for seed, lists in lay.items():
+        write_json_atomic(output / f"datalist_lay_seed{seed}.json",
+                          {"classes": list(CLASSES), **lists, "test": clean["test"]})
+    write_json_atomic(output / "simulation.json", {
+        "what": "proxy two-class task with simulated lay labels from MoNuSeg ground truth (not P2's data)",
+        "classes": {"1": "small", "2": "large"}, "class_rule": "large if nucleus area >= median training area",
+        "median_training_area_px": threshold, "seeds": seeds, "miss_rate": miss_rate, "boundary_rate": boundary_rate,
+        "boundary_radius": boundary_radius, "flip_rate": flip_rate, "false_rate": false_rate,
+        "test_crop_size": test_crop_size, "source": json.loads(datalist_path.read_text()).get("fraction")})
+    return str(output)
+
+
+if __name__ == "__main__":
+    fire.Fire(simulate)
