@@ -1,8 +1,8 @@
 """Plain fine-tuning vs MOCL refinement on the noisy two-class proxy task (P2's experiment; METHOD.md section 4).
 
     python scripts/simulate_lay_labels.py --dataset_dir data/monuseg --seeds 0 --test_crop_size 512
-    python scripts/mocl_experiment.py run --seeds 0,1,2 --before_epochs 3 --refine_epochs 1
-    python scripts/mocl_experiment.py table --runs_dir runs/mocl --output docs/results/mocl_two_class_cpu
+    python scripts/mocl_experiment.py run --seeds 0,1,2 --shared_before true --before_epochs 6 --refine_epochs 2 --runs_dir runs/mocl_shared
+    python scripts/mocl_experiment.py table --runs_dir runs/mocl_shared --output docs/results/mocl_two_class_cpu
 
 Per training seed, into ``<runs_dir>/seed<s>/``: ``before`` = ``configs/train.json`` on the lay labels (the "before
 correction" model), then from its last checkpoint two arms with the same recipe (``configs/mocl_train.json``: SGD,

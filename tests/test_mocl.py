@@ -174,7 +174,7 @@ def test_split_classes_gives_one_map_per_class():
     out = SplitClassesd("label", num_classes=2)({"label": instances, "classes": classes})
     assert set(out) == {"label"}
     assert out["label"].tolist() == [[[0, 1, 1], [0, 0, 0], [3, 0, 0]], [[0, 0, 0], [2, 2, 0], [0, 0, 0]]]
-    with pytest.raises(ValueError, match="class 3"):
+    with pytest.raises(ValueError, match="class 3 in the class map"):
         SplitClassesd("label", num_classes=2)({"label": instances, "classes": classes + 1})
     assert SplitClassesd("label")({"image": instances}) == {"image": instances}  # inference: no label
 

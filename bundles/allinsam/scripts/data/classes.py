@@ -26,7 +26,9 @@ class SplitClassesd(MapTransform):
             raise KeyError(f"SplitClassesd: no {self.class_key!r} (class map) beside the label")
         classes = data.pop(self.class_key)
         if classes.max() > self.num_classes:
-            raise ValueError(f"class map has class {int(classes.max())} but the dataset names {self.num_classes}")
+            source = getattr(classes, "meta", {}).get("filename_or_obj", "the class map")
+            raise ValueError(f"{source}: class {int(classes.max())} in the class map, but the dataset config names "
+                             f"{self.num_classes} classes")
         for key in self.key_iterator(data):
             label = data[key]
             channels = [label * (classes == c + 1) for c in range(self.num_classes)]
