@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import _mean_sd, _wilcoxon_p  # noqa: E402
-from train_grid import CONFIGS, _bundle_command, _check_options, _run_logged, seed_list  # noqa: E402
+from train_grid import CONFIGS, _bundle_command, _run_logged, seed_list  # noqa: E402
 
 from scripts.training import last_checkpoint  # noqa: E402  (the bundle's package, put on the path by train_grid)
 
@@ -41,7 +41,6 @@ def run(seeds: str | int | tuple = (0, 1, 2), before_epochs: int = 3, refine_epo
     dataset = {"dataset_dir": dataset_dir, "lay_seed": lay_seed, "labels": "lay"}
     train_files = [CONFIGS / "train.json", DATASET]
     refine_files = [CONFIGS / "train.json", CONFIGS / "mocl_train.json", DATASET]
-    _check_options(refine_files, {"mocl_variant": mocl_variant})
     for seed in seeds:
         root = Path(runs_dir) / f"seed{seed}"
         common = {**dataset, "seed": seed, "batch_size": batch_size, "val_interval": 10 ** 6}  # no validation

@@ -129,7 +129,9 @@ def simulate(dataset_dir: str = "data/monuseg", seeds: str | int | tuple = (0,),
     splits = {key: load_decathlon_datalist(str(datalist_path), data_list_key=key, base_dir=str(dataset))
               for key in ("training", "validation", "test")}
     output = dataset / "two_class"
-    training_areas = np.concatenate([np.bincount(read_instance_map(entry["instances"]).ravel())[1:]
+    instance_maps = {entry["instances"]: read_instance_map(entry["instances"])  # read once, used twice
+                     for entries in splits.values() for entry in entries}
+    training_areas = np.concatenate([np.bincount(instance_maps[entry["instances"]].ravel())[1:]
                                      for entry in splits["training"]])
     threshold = float(np.median(training_areas[training_areas > 0]))
     clean, lay = {"training": [], "validation": [], "test": []}, {seed: {"training": [], "validation": []}
@@ -137,7 +139,7 @@ def simulate(dataset_dir: str = "data/monuseg", seeds: str | int | tuple = (0,),
     for split, entries in splits.items():
         for entry in tqdm(entries, desc=f"two-class {split}", unit="image"):
             name = Path(entry["image"]).stem
-            instances = read_instance_map(entry["instances"])
+            instances = instance_maps[entry["instances"]]
             class_of_id = size_classes(instances, threshold)
             class_map = class_of_id[instances]
             if split == "test":

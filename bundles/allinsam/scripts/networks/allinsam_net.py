@@ -78,27 +78,37 @@ class AllInSamNet(nn.Module):
         encoder_input = self.sam.preprocess(image * 255.0)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable != "decoder"):
             embeddings = self.sam.image_encoder(encoder_input)
-        logits, features = self.decode(embeddings)
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
         if not return_features:
-            return logits
-        return logits, F.interpolate(features, size=(size, size), mode="bilinear", align_corners=False)
+            return _resized(self.decode(embeddings), size)
+        logits, features = self.decode(embeddings, return_features=True)
+        return _resized(logits, size), _resized(features, size)
 
-    def decode(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 256, E, E) -> (B, C, 4E, 4E) low-resolution logits and the decoder's (B, D, 4E, 4E) per-pixel
-        embedding, with no prompt: no sparse tokens, the no-mask dense embedding. One image per decoder call:
-        segment-anything's decoder pairs every image with every prompt set in a batch."""
+    def decode(self, embeddings: torch.Tensor, return_features: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, 256, E, E) -> (B, C, 4E, 4E) low-resolution logits (and, if asked, the decoder's (B, D, 4E, 4E)
+        per-pixel embedding), with no prompt: no sparse tokens, the no-mask dense embedding. One image per decoder
+        call: segment-anything's decoder pairs every image with every prompt set in a batch."""
         prompt_encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
         positional = prompt_encoder.get_dense_pe()
         sparse = embeddings.new_empty((1, 0, prompt_encoder.embed_dim))
         dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *embeddings.shape[-2:])
-        features = []  # predict_masks does not return it: read the output of its upscaling block
-        hook = decoder.output_upscaling.register_forward_hook(lambda module, args, output: features.append(output))
+        features = []  # predict_masks does not return it: read the output of its upscaling block, only when asked
+        hook = (decoder.output_upscaling.register_forward_hook(lambda module, args, output: features.append(output))
+                if return_features else None)
         try:
             masks = [decoder.predict_masks(embedding[None], positional, sparse, dense)[0] for embedding in embeddings]
         finally:
-            hook.remove()
-        return torch.cat(masks)[:, :self.out_channels], torch.cat(features)
+            if hook is not None:
+                hook.remove()
+        logits = torch.cat(masks)[:, :self.out_channels]
+        return (logits, torch.cat(features)) if return_features else logits
+
+
+def _resized(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, size, size), bilinear; unchanged when already that size (LiteMedSAM: 4E = S)."""
+    if tuple(maps.shape[-2:]) == (size, size):
+        return maps
+    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def _build_backbone(backbone: str, checkpoint, pretrained: bool, image_size: int) -> SamBackbone:
