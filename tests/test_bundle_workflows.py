@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, SAMPLE_CROPS
+from conftest import BUNDLE, SAMPLE_CROPS, bundle_workflow
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
@@ -19,26 +19,8 @@ TRAIN, INFER, EVALUATE, MONUSEG = (CONFIGS / name for name in ("train.json", "in
                                                                    "datasets/monuseg.json"))
 
 
-def _workflow(files, workflow_type: str | None = None, **overrides) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(config_file=[str(path) for path in files], workflow_type=workflow_type,
-                              logging_file=str(CONFIGS / "logging.conf"), **overrides)
-    workflow.initialize()
-    return workflow
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two short epochs of the real training config (validation every epoch): (workflow, checkpoint folder)."""
-    root = tmp_path_factory.mktemp("train")
-    workflow = _workflow([TRAIN], "train", epochs=2, val_interval=1, ckpt_dir=str(root / "models"),
-                         output_dir=str(root / "runs"))
-    assert workflow.check_properties() in (None, [])
-    workflow.run()
-    return workflow, root / "models"
-
-
-def test_training_writes_best_and_last_checkpoints(trained):
-    workflow, models = trained
+def test_training_writes_best_and_last_checkpoints(trained_allinsam):
+    workflow, models = trained_allinsam
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2 and trainer.state.iteration == 2  # 2 crops, batch 2
     assert np.isfinite(float(trainer.state.output[0]["loss"]))
@@ -49,12 +31,12 @@ def test_training_writes_best_and_last_checkpoints(trained):
     assert set(workflow.parser.get_parsed_content("validate#evaluator").state.metrics) == {"val_loss", "val_dice"}
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
-    _, models = trained
+def test_killed_run_resumes_from_its_last_checkpoint(trained_allinsam, tmp_path):
+    _, models = trained_allinsam
     resumed_models = tmp_path / "models"
     resumed_models.mkdir()
     (resumed_models / "last_checkpoint_epoch=2.pt").write_bytes((models / "last_checkpoint_epoch=2.pt").read_bytes())
-    workflow = _workflow([TRAIN], "train", epochs=3, val_interval=5, ckpt_dir=str(resumed_models),
+    workflow = bundle_workflow([TRAIN], "train", epochs=3, val_interval=5, ckpt_dir=str(resumed_models),
                          output_dir=str(tmp_path / "runs"))
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -62,9 +44,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(trained, tmp_path):
     assert (resumed_models / "last_checkpoint_epoch=3.pt").is_file()
 
 
-def test_evaluate_writes_every_metric_per_image_and_mean(trained, tmp_path, sample_datalist):
-    _, models = trained
-    workflow = _workflow([INFER, EVALUATE], ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path))
+def test_evaluate_writes_every_metric_per_image_and_mean(trained_allinsam, tmp_path, sample_datalist):
+    _, models = trained_allinsam
+    workflow = bundle_workflow([INFER, EVALUATE], ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path))
     workflow.run()
     with open(tmp_path / "metrics.csv") as handle:
         means = {name: float(value) for name, value in csv.reader(handle)}
@@ -78,10 +60,10 @@ def test_evaluate_writes_every_metric_per_image_and_mean(trained, tmp_path, samp
         assert means[name] == pytest.approx(np.nanmean(values), abs=1e-4)
 
 
-def test_inference_writes_probability_and_mask_named_after_the_input(trained, tmp_path, sample_datalist):
-    _, models = trained
+def test_inference_writes_probability_and_mask_named_after_the_input(trained_allinsam, tmp_path, sample_datalist):
+    _, models = trained_allinsam
     images = sorted(str(SAMPLE_CROPS / entry["image"]) for entry in sample_datalist["test"])
-    workflow = _workflow([INFER], "infer", ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path),
+    workflow = bundle_workflow([INFER], "infer", ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path),
                          input_glob=str(SAMPLE_CROPS / "images" / "TCGA-[2A][ZC]-*.png"))  # the two test crops
     assert workflow.check_properties() in (None, [])
     workflow.run()

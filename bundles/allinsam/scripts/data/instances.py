@@ -2,6 +2,7 @@
 
 import numpy as np
 from scipy import ndimage
+from skimage.measure import approximate_polygon, find_contours
 from skimage.segmentation import relabel_sequential as _skimage_relabel
 
 
@@ -23,3 +24,24 @@ def boxes_from_instances(instances: np.ndarray) -> np.ndarray:
         missing = [i + 1 for i, s in enumerate(slices) if s is None]
         raise ValueError(f"instance ids are not contiguous: ids {missing[:10]} have no pixels")
     return np.array([[sx.start, sy.start, sx.stop, sy.stop] for sy, sx in slices], dtype=np.int64).reshape(-1, 4)
+
+
+def instance_contours(instances: np.ndarray, tolerance: float = 0.5) -> dict[int, list[list[int]]]:
+    """Outer contour of every instance of a map (H, W): ``{id: [[x, y], ...]}``, closed (first point = last).
+
+    The points are centres of the instance's boundary pixels (OpenCV's and the MoNuSeg XML convention: filling
+    the polygon with its outline gives the pixels back), simplified to ``tolerance`` pixels; holes are ignored.
+    Ids in increasing order; a one-pixel instance is a single repeated point.
+    """
+    instances = np.asarray(instances)
+    contours = {}
+    for index, found in enumerate(ndimage.find_objects(instances)):
+        if found is None:
+            continue
+        rows, cols = found
+        crop = np.pad(instances[found] == index + 1, 1).astype(np.float32)
+        # an iso-line just below 1 runs through the instance's own boundary pixels, 8-connected
+        outer = max(find_contours(crop, 1.0 - 1e-3, fully_connected="high"), key=len)
+        outer = approximate_polygon(np.rint(outer), tolerance=tolerance)
+        contours[index + 1] = (outer[:, ::-1] + [cols.start - 1, rows.start - 1]).astype(int).tolist()
+    return contours

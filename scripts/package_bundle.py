@@ -1,0 +1,204 @@
+"""Package a bundle as the MONAI model zoo does: checks first, then ``<name>_v<version>.zip`` with the top folder
+named after the bundle and fixed timestamps, so two builds of the same tree are byte-identical.
+
+    python scripts/package_bundle.py allinsam                 # -> dist/allinsam_v<version>.zip
+    python scripts/package_bundle.py nnunet_baseline
+    python scripts/package_bundle.py all --output_dir dist
+    python scripts/package_bundle.py /path/to/a/copy/allinsam  # any bundle folder
+
+Checks (offline, nothing downloaded): LICENSE, configs/metadata.json and docs/README.md present; the version in
+the changelog; ``verify_metadata`` against the schema shipped in ``bundles/``; ``verify_net_in_out``; and
+``ckpt_export`` to TorchScript (scripting, else tracing at the metadata's input shape, compared with the eager
+network) for bundles with a ``network_def``. A failed check stops before anything is written, except TorchScript,
+which is reported: the zip never carries ``model.ts``.
+
+The zip holds the bundle's files except run outputs (``runs/``, ``eval/``, caches) and checkpoints other than
+``models/model.pt``; with weights it adds ``large_files.yml`` (SHA-256), which
+``python -m monai.bundle download_large_files --bundle_path <unpacked>`` checks.
+"""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+SCHEMA = BUNDLES / "meta_schema_20240725.json"
+SKIPPED_FOLDERS = {"runs", "eval", "__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
+WEIGHTS = "models/model.pt"
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
+
+
+class PackagingError(RuntimeError):
+    """A model-zoo check failed; the message names the bundle file and the problem."""
+
+
+def bundle_members(bundle: Path) -> list[str]:
+    """Paths (POSIX, relative to ``bundle``) that go into the zip, sorted."""
+    members = []
+    for path in bundle.rglob("*"):
+        relative = path.relative_to(bundle).as_posix()
+        if not path.is_file() or SKIPPED_FOLDERS & set(path.relative_to(bundle).parts[:-1]):
+            continue
+        if path.suffix in (".pyc", ".tmp") or path.name.startswith("."):
+            continue
+        if relative.startswith("models/") and relative != WEIGHTS:
+            continue
+        members.append(relative)
+    return sorted(members)
+
+
+def large_files_yml(bundle: Path) -> str:
+    """``large_files.yml`` for the weights (their URL is empty: they travel inside the zip)."""
+    digest = hashlib.sha256((bundle / WEIGHTS).read_bytes()).hexdigest()
+    return (f'large_files:\n  - path: "{WEIGHTS}"\n    url: ""\n'
+            f'    hash_val: "{digest}"\n    hash_type: "sha256"\n')
+
+
+def write_zip(bundle: Path, zip_path: Path, extra: dict[str, str]) -> None:
+    """Deterministic zip: sorted members under ``<bundle name>/``, fixed time and mode, no directory entries."""
+    contents = {member: (bundle / member).read_bytes() for member in bundle_members(bundle)}
+    contents.update({name: text.encode() for name, text in extra.items()})
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = zip_path.with_name(zip_path.name + ".tmp")
+    with zipfile.ZipFile(partial, "w") as archive:
+        for member in sorted(contents):
+            info = zipfile.ZipInfo(f"{bundle.name}/{member}", date_time=ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, contents[member], compresslevel=9)
+    os.replace(partial, zip_path)
+
+
+def _monai_bundle(bundle: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ...`` run from the bundle root with it on PYTHONPATH (as the model zoo runs it)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(bundle), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *arguments], cwd=bundle, env=env,
+                          capture_output=True, text=True)
+
+
+def _last_error_line(process: subprocess.CompletedProcess) -> str:
+    """The exception line of a failed command's traceback (``SomeError: message``)."""
+    errors = [line for line in process.stderr.splitlines() if ERROR_LINE.match(line)]
+    return errors[-1] if errors else f"exit code {process.returncode}"
+
+
+def check_files(bundle: Path, metadata: dict) -> list[tuple[str, str]]:
+    for required in ("LICENSE", "configs/metadata.json", "docs/README.md"):
+        if not (bundle / required).is_file():
+            raise PackagingError(f"{bundle / required}: missing")
+    if metadata["version"] not in metadata.get("changelog", {}):
+        raise PackagingError(f"{bundle}/configs/metadata.json: version {metadata['version']} not in its changelog")
+    return [("LICENSE, metadata, model card", "present"), ("version in changelog", metadata["version"])]
+
+
+def check_metadata(bundle: Path) -> list[tuple[str, str]]:
+    process = _monai_bundle(bundle, "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA))
+    if process.returncode:
+        raise PackagingError(f"{bundle}/configs/metadata.json: {_last_error_line(process)}")
+    return [("verify_metadata", f"valid against {SCHEMA.name}")]
+
+
+def check_network(bundle: Path, metadata: dict) -> list[tuple[str, str]]:
+    """verify_net_in_out and TorchScript export, for bundles whose inference config has a ``network_def``."""
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    if "network_def" not in inference:
+        reason = "inference.json has no network_def"
+        return [("verify_net_in_out", f"not applicable: {reason}"), ("ckpt_export", f"not applicable: {reason}")]
+    common = ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    process = _monai_bundle(bundle, "verify_net_in_out", "network_def", *common)
+    if process.returncode:
+        raise PackagingError(f"{bundle}: verify_net_in_out failed: {_last_error_line(process)}")
+    return [("verify_net_in_out", "input / output shapes and dtypes as in metadata.json"),
+            ("ckpt_export", torchscript_export(bundle, metadata, common))]
+
+
+def torchscript_export(bundle: Path, metadata: dict, common: list[str]) -> str:
+    """Export to a temporary model.ts (scripting, else tracing) and compare with the eager network."""
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = bundle / WEIGHTS
+        if not weights.is_file():  # the network's initial weights: exportability does not depend on training
+            weights = Path(scratch) / "initial.pt"
+            _torch_in_bundle(bundle, f"torch.save(parser.get_parsed_content('network_def').state_dict(), {str(weights)!r})")
+        exported = Path(scratch) / "model.ts"
+        arguments = ["ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(weights), *common]
+        scripted = _monai_bundle(bundle, *arguments)
+        if scripted.returncode == 0:
+            how = "torch.jit.script"
+        else:
+            size = [int(n) for n in metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]]
+            channels = metadata["network_data_format"]["inputs"]["image"]["num_channels"]
+            traced = _monai_bundle(bundle, *arguments, "--use_trace", "True", "--input_shape", str([1, channels, *size]))
+            if traced.returncode:
+                return (f"NOT exportable: scripting failed ({_last_error_line(scripted)}); "
+                        f"tracing failed ({_last_error_line(traced)})")
+            how = f"torch.jit.trace at (1, {channels}, {size[0]}, {size[1]}) (scripting failed: {_last_error_line(scripted)})"
+        report = _torch_in_bundle(bundle, f"""
+network = parser.get_parsed_content('network_def')
+network.load_state_dict(torch.load({str(weights)!r}, map_location='cpu'))
+network.eval()
+exported = torch.jit.load({str(exported)!r})
+shape = {[int(n) for n in metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]]}
+channels = {metadata["network_data_format"]["inputs"]["image"]["num_channels"]}
+torch.manual_seed(0)
+for batch in (1, 2):
+    image = torch.rand(batch, channels, *shape)
+    try:
+        with torch.no_grad():
+            difference = (network(image) - exported(image)).abs().max().item()
+        print(f'batch {{batch}}: max |TorchScript - eager| = {{difference:.2g}}', end='; ')
+    except RuntimeError:
+        print(f'batch {{batch}}: fails in TorchScript', end='; ')
+""")
+        return f"{how}; {report.strip().rstrip(';')}"
+
+
+def _torch_in_bundle(bundle: Path, code: str) -> str:
+    """Run ``code`` with ``torch`` and ``parser`` (the bundle's inference.json) in a fresh interpreter."""
+    prelude = ("import torch\nfrom monai.bundle import ConfigParser\nparser = ConfigParser()\n"
+               "parser.read_config('configs/inference.json')\n")
+    env = {**os.environ, "PYTHONPATH": str(bundle)}
+    process = subprocess.run([sys.executable, "-c", prelude + code], cwd=bundle, env=env, capture_output=True,
+                             text=True)
+    if process.returncode:
+        raise PackagingError(f"{bundle}: {_last_error_line(process)}")
+    return process.stdout
+
+
+def package(bundle: str = "all", output_dir: str = str(REPO / "dist")) -> list[str]:
+    """Check and zip ``bundle`` (a name under ``bundles/``, a bundle folder, or ``all``); returns the zip paths."""
+    folders = sorted(path.parent.parent for path in BUNDLES.glob("*/configs/metadata.json")) if bundle == "all" \
+        else [Path(bundle) if Path(bundle).is_dir() else BUNDLES / bundle]
+    zips = []
+    for folder in folders:
+        folder = folder.resolve()
+        metadata_file = folder / "configs" / "metadata.json"
+        if not metadata_file.is_file():
+            raise FileNotFoundError(f"{metadata_file}: not found; {bundle!r} is not a bundle")
+        metadata = json.loads(metadata_file.read_text())
+        print(f"{folder.name} {metadata['version']}: checking", flush=True)
+        checks = check_files(folder, metadata) + check_metadata(folder) + check_network(folder, metadata)
+        has_weights = (folder / WEIGHTS).is_file()
+        extra = {"large_files.yml": large_files_yml(folder)} if has_weights else {}
+        checks.append(("weights", f"{WEIGHTS} + large_files.yml (SHA-256)" if has_weights else f"no {WEIGHTS}"))
+        zip_path = Path(output_dir) / f"{folder.name}_v{metadata['version']}.zip"
+        write_zip(folder, zip_path, extra)
+        for name, result in checks:
+            print(f"  {name:<30} {result}")
+        print(f"  -> {zip_path} ({zip_path.stat().st_size / 1e6:.1f} MB)", flush=True)
+        zips.append(str(zip_path))
+    return zips
+
+
+if __name__ == "__main__":
+    fire.Fire(package)
