@@ -1,7 +1,8 @@
 """Code of the allinsam bundle.
 
 - ``networks/``: SAM-family backbones (LiteMedSAM, segment-anything ViT-B/L/H) and their loading.
-- ``annotation/``: SAM-empowered annotation, boxes -> instance maps.
+- ``annotation/``: SAM-empowered annotation, boxes -> instance maps; marker-guided cell classes (P2).
+- ``registration/``: ITK registration of an IF image to the PAS image, and the molecular-labels workflow.
 - ``data/``: instance maps, boxes, class maps and image/label file I/O shared by every workflow.
 - ``losses/``: Dice + BCE per class and MOCL (molecular-oriented corrective learning).
 - ``metrics/``: the nuclei metrics of every workflow and both bundles.
