@@ -125,8 +125,8 @@ def evaluate_pair(rgb: np.ndarray, nuclei: np.ndarray, seed: int = 0, transform:
 
 
 def bench(prepared_dir: str = "data/monuseg", images: int = 4, split: str = "test", transform: str = "affine",
-          bspline_mesh: int = 8) -> list[dict]:
-    """Synthetic pairs from the first ``images`` images of ``split`` of a prepared MoNuSeg: one row per image."""
+          bspline_mesh: int = 8) -> None:
+    """Synthetic pairs from the first ``images`` images of ``split`` of a prepared MoNuSeg: one line per image."""
     datalist = json.loads((Path(prepared_dir) / "datalist_all.json").read_text())[split][:images]
     results = []
     for entry in datalist:
@@ -139,7 +139,6 @@ def bench(prepared_dir: str = "data/monuseg", images: int = 4, split: str = "tes
         results.append(result)
     for key in ("error_before_px", "error_after_px", "seconds", "accuracy"):
         print(f"{key}: median {np.median([r[key] for r in results]):.3f}")
-    return results
 
 
 if __name__ == "__main__":
