@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import CONFIGS, SAMPLE_CROPS, bundle_workflow
-from molecular_labels import THRESHOLD, evaluate_pair, synthetic
+from molecular_labels import THRESHOLD, KnownWarp, evaluate_pair, synthetic
 from PIL import Image
 
 from scripts.annotation import assign_marker_classes, class_map
@@ -31,10 +31,19 @@ def test_registration_recovers_the_known_warp_on_a_crop():
     assert result["accuracy"] > 0.95 and result["nuclei_scored"] >= 30
 
 
-def test_registration_recovers_the_known_warp_on_a_whole_monuseg_image(prepared_monuseg):
+def test_rigid_registration_recovers_a_rigid_warp():
+    rgb, nuclei = _crop()
+    rigid = KnownWarp(nuclei.shape, scales=(1.0, 1.0), shear=0.0, amplitude=0.0)  # rotation 3 deg + (14, -9) px
+    result = evaluate_pair(rgb, nuclei, transform="rigid", bspline_mesh=None, known=rigid)
+    assert result["error_before_px"] > 10 and result["error_after_px"] < 1.5
+
+
+@pytest.mark.parametrize("max_size", [1024, 512])  # 512: registered on a half-size copy, as a large image would be
+def test_registration_recovers_the_known_warp_on_a_whole_monuseg_image(prepared_monuseg, max_size):
     output, _ = prepared_monuseg
     entry = json.loads((output / "datalist_all.json").read_text())["test"][0]
-    result = evaluate_pair(read_rgb_image(output / entry["image"]), read_instance_map(output / entry["instances"]))
+    result = evaluate_pair(read_rgb_image(output / entry["image"]), read_instance_map(output / entry["instances"]),
+                           max_size=max_size)
     assert result["error_before_px"] > 15
     assert result["error_after_px"] < 2
     assert result["accuracy"] > 0.95 and result["nuclei_scored"] > 300
