@@ -131,7 +131,6 @@ class AllInSamBoxAnnotation(BasicInferTask):
     """
 
     def __init__(self, path: str, conf: dict[str, str]):
-        self.bundle_path = path
         self.scripts = bundle_scripts(path)
         parser = ConfigParser()
         parser.read_config(os.path.join(path, "configs", "annotate.json"))
