@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def prepared_monuseg(monuseg_dir, tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="session")
 def sample_datalist() -> dict:
     return json.loads((SAMPLE_CROPS / "datalist.json").read_text())
+
+
+def copy_bundle(destination: Path, weights: Path | None = None) -> Path:
+    """A copy of the allinsam bundle at ``destination / "allinsam"`` without run outputs or checkpoints; with
+    ``weights`` copied in as ``models/model.pt``."""
+    bundle = Path(shutil.copytree(BUNDLE, destination / "allinsam",
+                                  ignore=shutil.ignore_patterns("runs", "eval", "__pycache__", "*.pt")))
+    if weights is not None:
+        shutil.copy(weights, bundle / "models" / "model.pt")
+    return bundle
 
 
 def bundle_workflow(files, workflow_type: str | None = None, **overrides) -> ConfigWorkflow:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import BUNDLE, CONFIGS, REPO, SAMPLE_CROPS, bundle_workflow
+from conftest import CONFIGS, REPO, SAMPLE_CROPS, bundle_workflow, copy_bundle
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 from scripts.data import instance_contours, read_instance_map, read_rgb_image
@@ -24,7 +24,6 @@ from scripts.metrics import instances_from_mask
 
 TEST_CROP = "TCGA-2Z-A9J9-01A-01-TS1_y300_x300"
 TRAINING_CROPS = ["TCGA-21-5784-01Z-00-DX1_y372_x372", "TCGA-38-6178-01Z-00-DX1_y372_x372"]
-OUTPUTS = ("runs", "eval", "__pycache__", "model", "logs", "bin")
 
 
 def _free_port() -> int:
@@ -46,9 +45,9 @@ def _png(response: requests.Response) -> np.ndarray:
 def server(trained_allinsam, tmp_path_factory):
     """The app with a copy of the bundle (its ``models/model.pt`` from two training epochs) and the five crops."""
     root = tmp_path_factory.mktemp("monailabel")
-    bundle = Path(shutil.copytree(BUNDLE, root / "allinsam", ignore=shutil.ignore_patterns(*OUTPUTS, "*.pt")))
-    shutil.copy(trained_allinsam[1] / "model.pt", bundle / "models" / "model.pt")
-    app = shutil.copytree(REPO / "apps" / "allinsam", root / "app", ignore=shutil.ignore_patterns(*OUTPUTS))
+    bundle = copy_bundle(root, trained_allinsam[1] / "model.pt")
+    app = shutil.copytree(REPO / "apps" / "allinsam", root / "app",
+                          ignore=shutil.ignore_patterns("__pycache__", "model", "logs", "bin"))
     studies = root / "studies"
     studies.mkdir()
     for image in (SAMPLE_CROPS / "images").glob("*.png"):

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUNDLE, REPO, SAMPLE_CROPS
+from conftest import BUNDLE, REPO, SAMPLE_CROPS, copy_bundle
 from PIL import Image
 
 from package_bundle import PackagingError, bundle_members, check_files, package, write_zip
 
 NNUNET = REPO / "bundles" / "nnunet_baseline"
 CROP = SAMPLE_CROPS / "images" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300.png"
-OUTPUTS = ("runs", "eval", "__pycache__")
 
 
 def _monai_bundle(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -28,13 +27,12 @@ def _monai_bundle(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def _bundle_copy(root: Path, weights: Path | None = None) -> Path:
     """A copy of the allinsam bundle under ``root`` with a training run's leftovers, and ``weights`` as model.pt."""
-    bundle = Path(shutil.copytree(BUNDLE, root / "allinsam", ignore=shutil.ignore_patterns(*OUTPUTS, "*.pt")))
+    bundle = copy_bundle(root, weights)
     (bundle / "runs" / "train").mkdir(parents=True)
     (bundle / "runs" / "train" / "events.out").write_text("tensorboard")
     (bundle / "scripts" / "__pycache__").mkdir()
     (bundle / "scripts" / "__pycache__" / "x.pyc").write_bytes(b"\0")
     if weights is not None:
-        shutil.copy(weights, bundle / "models" / "model.pt")
         shutil.copy(weights, bundle / "models" / "last_checkpoint_epoch=2.pt")
     return bundle
 
