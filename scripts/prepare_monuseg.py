@@ -20,7 +20,6 @@ are left out); pixels outside the patches are 0 in the image and the labels. A p
 
 import json
 import sys
-import xml.etree.ElementTree as ET
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "allins
 from scripts.data import (  # noqa: E402  (the bundle's package, on the path above)
     boxes_from_instances,
     read_instance_map,
+    read_xml_polygons,
     read_rgb_image,
     relabel_sequential,
     write_json_atomic,
@@ -70,21 +70,6 @@ def find_cases(source_dir: Path) -> dict[str, Case]:
             raise ValueError(f"{path}: a second file for {path.stem} (first: {target[path.stem]})")
         target[path.stem] = path
     return {name: Case(name, image, annotations[name]) for name, image in images.items() if name in annotations}
-
-
-def read_xml_polygons(path: Path) -> list[np.ndarray]:
-    """Polygons (K, 2) of ``(x, y)`` vertices in pixels, one per ``Region`` of a MoNuSeg XML file."""
-    try:
-        regions = ET.parse(path).getroot().iter("Region")
-        polygons = [
-            np.array([(float(v.attrib["X"]), float(v.attrib["Y"])) for v in region.iter("Vertex")]).reshape(-1, 2)
-            for region in regions
-        ]
-    except (ET.ParseError, KeyError, ValueError) as error:
-        raise ValueError(f"{path}: malformed MoNuSeg XML annotation ({error!r})") from error
-    if not polygons:
-        raise ValueError(f"{path}: no <Region> found; not a MoNuSeg XML annotation")
-    return polygons
 
 
 def rasterise_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

@@ -9,10 +9,10 @@ import pytest
 import tifffile
 from conftest import SAMPLE_CROPS
 from PIL import Image
-from prepare_monuseg import prepare, rasterise_polygons, read_xml_polygons
+from prepare_monuseg import prepare, rasterise_polygons
 from skimage.measure import find_contours, regionprops
 
-from scripts.data import instance_contours, read_instance_map
+from scripts.data import instance_contours, read_instance_map, read_xml_polygons
 
 PATCH = 200
 

@@ -1,12 +1,17 @@
-"""Prompt readers (boxes JSON, CSV, COCO, QuPath GeoJSON, points) and box perturbation, on small real-shaped files."""
+"""Prompt readers (boxes JSON, CSV, COCO, QuPath GeoJSON, ImageScope XML, points), box perturbation and box
+validation, on small real-shaped files and, property-based (hypothesis), on any content."""
 
 import json
 import re
+import uuid
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from scripts.annotation import perturb_boxes, read_prompts
+from scripts.annotation.box_prompted import validate_boxes
 
 IMAGE = "TCGA-2Z-A9J9-01A-01-TS1_y300_x300.png"
 
@@ -85,3 +90,81 @@ def test_perturbed_boxes_are_seeded_bounded_and_loosened():
     assert not np.array_equal(jittered, perturb_boxes(boxes, jitter=3, seed=2))
     assert np.abs(jittered - boxes).max() <= 3 and np.abs(jittered - boxes).max() > 0
     assert perturb_boxes(boxes, loosen=2).tolist() == [[8, 8, 32, 32], [48, 58, 72, 92]]
+
+
+# --- property-based: any file content either parses into well-formed prompts or fails with the file's name ---
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["type", "coordinates", "geometry", "features", "boxes", "points", "images", "annotations",
+                         "bbox", "id", "image_id", "file_name", "x"]), children, max_size=4),
+    max_leaves=20)
+GEOMETRIES = st.fixed_dictionaries({
+    "type": st.sampled_from(["Polygon", "MultiPolygon", "Point", "MultiPoint", "LineString"]),
+    "coordinates": st.recursive(st.lists(st.floats(-1e4, 1e4), min_size=0, max_size=3),
+                                lambda children: st.lists(children, max_size=4), max_leaves=12)})
+
+
+def _assert_well_formed_or_named(path, suffix_text):
+    path.write_text(suffix_text)
+    try:
+        prompts = read_prompts(path)
+    except ValueError as error:
+        assert str(error).startswith(f"{path}: ")
+        return
+    assert prompts.boxes.dtype == prompts.points.dtype == np.float64
+    assert prompts.boxes.ndim == prompts.points.ndim == 2
+    assert prompts.boxes.shape[1] == 4 and prompts.points.shape[1] == 2
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=JSON_VALUES | st.lists(st.fixed_dictionaries({"geometry": GEOMETRIES}), max_size=3))
+def test_any_json_prompt_file_parses_or_names_the_file(tmp_path, content):
+    _assert_well_formed_or_named(tmp_path / f"{uuid.uuid4().hex}.json", json.dumps(content))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.sampled_from(["image,x0,y0,x1,y1", "image,x,y", "x0,y0,x1,y1", "a,b", ""]),
+       rows=st.lists(st.lists(st.one_of(st.floats(allow_nan=True), st.text(alphabet="0123456789.-e,\"x", max_size=6)),
+                              max_size=6), max_size=5))
+def test_any_csv_prompt_file_parses_or_names_the_file(tmp_path, header, rows):
+    text = "\n".join([header] + [",".join(str(value) for value in row) for row in rows]) + "\n"
+    _assert_well_formed_or_named(tmp_path / f"{uuid.uuid4().hex}.csv", text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet='<>/="RegionVertXY 0123456789.', max_size=120))
+def test_any_xml_prompt_file_parses_or_names_the_file(tmp_path, text):
+    _assert_well_formed_or_named(tmp_path / f"{uuid.uuid4().hex}.xml", text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(boxes=st.lists(st.lists(st.floats(-50, 350) | st.sampled_from([np.nan, np.inf, -np.inf]), min_size=4,
+                               max_size=4), max_size=12),
+       height=st.integers(1, 300), width=st.integers(1, 300))
+def test_every_box_is_either_clipped_inside_the_image_or_skipped_with_a_reason(boxes, height, width):
+    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    clipped, skipped = validate_boxes(boxes, height=height, width=width)
+    assert clipped.shape == boxes.shape
+    skipped_rows = [entry["index"] for entry in skipped]
+    assert len(set(skipped_rows)) == len(skipped_rows) and all(entry["reason"] for entry in skipped)
+    for row, (box, kept) in enumerate(zip(boxes, clipped)):
+        if row in skipped_rows:
+            assert np.isnan(kept).all()
+            continue
+        assert np.isfinite(box).all() and box[2] > box[0] and box[3] > box[1]  # only valid input boxes are kept
+        assert 0 <= kept[0] < kept[2] <= width and 0 <= kept[1] < kept[3] <= height  # inside, positive area
+        assert np.array_equal(kept, np.clip(box, 0, [width, height, width, height]))  # clipped, nothing else
+
+
+def test_xml_regions_give_their_bounds_and_a_cut_xml_names_the_file(tmp_path):
+    xml = tmp_path / "slide.xml"
+    xml.write_text('<Annotations><Annotation><Regions>'
+                   '<Region Id="1"><Vertices><Vertex X="10" Y="20"/><Vertex X="30" Y="25"/><Vertex X="15" Y="35"/>'
+                   '</Vertices></Region><Region Id="2"><Vertices><Vertex X="49.5" Y="50"/><Vertex X="60" Y="65"/>'
+                   '</Vertices></Region></Regions></Annotation></Annotations>')
+    assert read_prompts(xml).boxes.tolist() == [[10, 20, 30, 35], [49.5, 50, 60, 65]]
+    xml.write_text(xml.read_text()[:90])
+    with pytest.raises(ValueError, match=re.escape(str(xml)) + ".*malformed"):
+        read_prompts(xml)

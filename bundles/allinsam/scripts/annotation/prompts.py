@@ -3,7 +3,8 @@
 Pixels, end exclusive for boxes. Formats: the project's boxes JSON (``{"boxes": [...], "points": [...]}``),
 CSV with a header (``image,x0,y0,x1,y1`` for boxes or ``image,x,y`` for points), COCO JSON (``bbox`` is
 ``[x, y, w, h]``), QuPath / GeoJSON (Polygon and MultiPolygon give their bounds, Point and MultiPoint give
-points). Files that cover several images are filtered by the image's name (file stem).
+points), Aperio ImageScope / MoNuSeg XML (each Region gives its bounds). Files that cover several images are filtered
+by the image's name (file stem). A malformed file raises ``ValueError`` naming it and the problem.
 """
 
 import csv
@@ -13,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from ..data import read_xml_polygons
 
 
 @dataclass
@@ -56,7 +59,7 @@ def _from_geojson(content) -> Prompts:
                                    for v in ring], dtype=np.float64)
             boxes.append([*vertices.min(axis=0), *vertices.max(axis=0)])
         elif kind in ("Point", "MultiPoint"):
-            points.extend([coordinates] if kind == "Point" else coordinates)
+            points.extend(position[:2] for position in ([coordinates] if kind == "Point" else coordinates))
         else:
             raise ValueError(f"unsupported geometry type {kind!r} (Polygon, MultiPolygon, Point, MultiPoint)")
     return Prompts.of(boxes, points)
@@ -82,7 +85,7 @@ def _from_csv(rows: list[dict], image_name: str | None) -> Prompts:
 
 
 @lru_cache(maxsize=8)
-def _parsed(path: Path, modified_ns: int):
+def _parsed(path: Path, modified_ns: int, size: int):
     """CSV rows or JSON content of a prompt file, read once while the file is unchanged (one file often covers
     every image of a run)."""
     if path.suffix.lower() == ".csv":
@@ -97,7 +100,10 @@ def read_prompts(path, image_name: str | None = None) -> Prompts:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
     try:
-        content = _parsed(path.resolve(), path.stat().st_mtime_ns)
+        if path.suffix.lower() == ".xml":
+            return Prompts.of([[*polygon.min(axis=0), *polygon.max(axis=0)] for polygon in read_xml_polygons(path)])
+        status = path.stat()
+        content = _parsed(path.resolve(), status.st_mtime_ns, status.st_size)
         if path.suffix.lower() == ".csv":
             return _from_csv(content, image_name)
         if isinstance(content, dict) and "annotations" in content and "images" in content:
@@ -105,7 +111,8 @@ def read_prompts(path, image_name: str | None = None) -> Prompts:
         if isinstance(content, dict) and ("boxes" in content or "points" in content):
             return _from_project_json(content)
         return _from_geojson(content)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError, IndexError,
+            AttributeError) as error:
         raise ValueError(f"{path}: malformed prompt file ({error})") from error
 
 

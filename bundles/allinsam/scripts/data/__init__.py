@@ -1,15 +1,28 @@
+from .annotation_xml import read_xml_polygons
 from .classes import SplitClassesd, prediction_writers
-from .image_io import read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic
+from .datalist import check_entries, checked_datalist, checked_image_glob
+from .image_io import (
+    read_instance_map,
+    read_rgb_image,
+    to_rgb8,
+    write_json_atomic,
+    write_png_atomic,
+)
 from .instances import boxes_from_instances, instance_contours, relabel_sequential
 
 __all__ = [
     "SplitClassesd",
     "boxes_from_instances",
+    "check_entries",
+    "checked_datalist",
+    "checked_image_glob",
     "instance_contours",
     "prediction_writers",
     "read_instance_map",
     "read_rgb_image",
+    "read_xml_polygons",
     "relabel_sequential",
+    "to_rgb8",
     "write_json_atomic",
     "write_png_atomic",
 ]

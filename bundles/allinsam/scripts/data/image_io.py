@@ -4,6 +4,7 @@ Writes are atomic (temporary file + rename), so a killed run never leaves a half
 """
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+logger = logging.getLogger(__name__)
 
 
 def _read_array(path: Path) -> np.ndarray:
@@ -81,3 +83,31 @@ def write_json_atomic(path: str | os.PathLike, content) -> None:
             handle.write("\n")
 
     _atomic_write(Path(path), write)
+
+
+# PIL modes converted to 8-bit RGB by ``to_rgb8``, and how (logged once per file)
+CONVERSIONS = {
+    "RGBA": "alpha channel dropped", "RGBa": "alpha channel dropped", "LA": "greyscale, repeated to RGB, alpha dropped",
+    "L": "greyscale, repeated to RGB", "1": "bilevel, repeated to RGB", "P": "palette colours expanded to RGB",
+    "PA": "palette colours expanded to RGB, alpha dropped", "CMYK": "CMYK converted to RGB",
+    "YCbCr": "YCbCr converted to RGB",
+}
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """A ``PILReader`` converter: any image of ``CONVERSIONS`` or 16-bit greyscale -> 8-bit RGB, with a logged note
+    naming the file; RGB passes unchanged; float images are refused. 16-bit values are divided by 257 (65535 -> 255)."""
+    name = getattr(image, "filename", "") or "image"
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise ValueError(f"{name}: 32-bit integer image with values outside 0-65535; save it as 8-bit RGB")
+        logger.warning(f"{name}: 16-bit greyscale image ({image.mode}) scaled to 8 bits (value / 257), repeated to RGB")
+        return Image.fromarray(np.rint(values / 257).astype(np.uint8)).convert("RGB")
+    if image.mode not in CONVERSIONS:
+        raise ValueError(f"{name}: unsupported image mode {image.mode!r}; save it as 8-bit RGB (PNG or TIFF)")
+    logger.warning(f"{name}: {image.mode} image converted to 8-bit RGB ({CONVERSIONS[image.mode]})")
+    return image.convert("RGB")

@@ -21,6 +21,7 @@ class AllInSamNet(nn.Module):
         backbone: ``litemedsam`` (TinyViT, S = 256, embedded pretrained weights) or ``vit_b`` / ``vit_l`` / ``vit_h``
             (segment-anything, S = 1024 with Meta's checkpoint).
         checkpoint: the backbone's checkpoint; None means LiteMedSAM's embedded one (a ViT needs a path).
+        checkpoint_sha256: the SHA-256 ``checkpoint`` must have, when known (the embedded one is always checked).
         pretrained: False builds a random backbone (tests, ablations).
         image_size: ViT input side for random weights (tests at small sizes); ignored for LiteMedSAM.
         trainable: ``adapter`` (the paper: prompt generators + mask decoder + no-mask embedding),
@@ -32,11 +33,11 @@ class AllInSamNet(nn.Module):
 
     def __init__(self, backbone: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
                  pretrained: bool = True, image_size: int = 1024, trainable: str = "adapter", out_channels: int = 1,
-                 freq_rate: float = 0.25, scale_factor: int = 32):
+                 freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None):
         super().__init__()
         if trainable not in TRAINABLE_CHOICES:
             raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {trainable!r}")
-        sam = _build_backbone(backbone, checkpoint, pretrained, image_size)
+        sam = _build_backbone(backbone, checkpoint, pretrained, image_size, checkpoint_sha256)
         tokens = sam.mask_decoder.num_mask_tokens
         if not 1 <= out_channels <= tokens:
             raise ValueError(f"out_channels must be 1..{tokens} (the decoder's mask tokens), got {out_channels}")
@@ -111,9 +112,10 @@ def _resized(maps: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _build_backbone(backbone: str, checkpoint, pretrained: bool, image_size: int) -> SamBackbone:
+def _build_backbone(backbone: str, checkpoint, pretrained: bool, image_size: int,
+                    checkpoint_sha256: str | None) -> SamBackbone:
     if backbone == "litemedsam":
-        return load_litemedsam(checkpoint, pretrained=pretrained)
+        return load_litemedsam(checkpoint, checkpoint_sha256, pretrained=pretrained)
     if not pretrained:
         return build_sam_vit(backbone, image_size=image_size)
-    return load_sam(backbone, checkpoint)
+    return load_sam(backbone, checkpoint, checkpoint_sha256)

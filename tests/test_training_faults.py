@@ -1,0 +1,113 @@
+"""Training survives faults: a SIGKILL mid-epoch resumes from the last checkpoint with every piece of state, no
+checkpoint is ever half-written or missing, and a NaN loss stops the run with a message and the last good checkpoint
+kept. Real training config, real sample crops, embedded LiteMedSAM."""
+
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import BUNDLE, REPO, bundle_workflow
+
+from scripts.training import KeepUntilReplacedDiskSaver
+
+TRAIN = BUNDLE / "configs" / "train.json"
+
+
+def _train_command(models, runs, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN),
+            "--epochs", str(epochs), "--val_interval", "1", "--batch_size", "1", "--warmup_steps", "0",
+            "--ckpt_dir", str(models), "--output_dir", str(runs)]
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_sigkill_mid_epoch_then_the_same_command_resumes(tmp_path):
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    command = _train_command(models, runs, epochs=3)  # 2 crops, batch 1: 2 iterations an epoch
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not (models / "last_checkpoint_epoch=1.pt").exists():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(4)  # into epoch 2: its first iteration (about 5-8 s) is running
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    kept = sorted(path.name for path in models.iterdir())
+    assert kept == ["last_checkpoint_epoch=1.pt", "model.pt"]  # no temporary or half-written file
+    at_kill = _load(models / "last_checkpoint_epoch=1.pt")  # loads: written whole
+    assert at_kill["trainer"]["iteration"] == 2 and set(at_kill) >= {"optimizer", "lr_scheduler", "early_stop"}
+
+    resumed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resuming from {models / 'last_checkpoint_epoch=1.pt'}" in resumed.stdout
+    assert "SupervisedTrainer - INFO - Epoch[1] Complete" not in resumed.stdout  # epoch 1 is not redone
+    assert "SupervisedTrainer - INFO - Epoch[2] Complete" in resumed.stdout
+    assert sorted(path.name for path in models.iterdir()) == ["last_checkpoint_epoch=3.pt", "model.pt"]
+    final = _load(models / "last_checkpoint_epoch=3.pt")
+    assert final["trainer"]["iteration"] == 6  # epochs 2 and 3 only, not 3 more
+    assert final["lr_scheduler"]["last_epoch"] == 6  # the scheduler went on from where it stopped
+    assert all(step["step"] == 6 for step in final["optimizer"]["state"].values())  # so did AdamW's moments
+
+
+def test_early_stopping_and_best_model_state_survive_a_restart(trained_allinsam, tmp_path):
+    _, trained = trained_allinsam
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = _load(trained / "last_checkpoint_epoch=2.pt")
+    checkpoint["early_stop"].update(counter=3, best_score=1e9)  # no validation can beat this score
+    checkpoint["best_model"]["_saved"] = [(0.999, "model.pt")]  # nor this Dice
+    torch.save(checkpoint, models / "last_checkpoint_epoch=2.pt")
+    shutil.copy(trained / "model.pt", models / "model.pt")
+    best_before = (models / "model.pt").read_bytes()
+
+    workflow = bundle_workflow([TRAIN], "train", epochs=3, val_interval=1, early_stop_patience=100,
+                               ckpt_dir=str(models), output_dir=str(tmp_path / "runs"))
+    workflow.run()
+    early_stop = workflow.parser.get_parsed_content("validate#early_stop")._handler
+    assert (early_stop.counter, early_stop.best_score) == (4, 1e9)  # restored, then one more epoch without gain
+    assert (models / "model.pt").read_bytes() == best_before  # a worse epoch-3 model did not replace the best
+    assert _load(models / "last_checkpoint_epoch=3.pt")["early_stop"]["counter"] == 4
+
+
+def test_an_old_checkpoint_is_removed_only_after_its_successor_is_on_disk(tmp_path):
+    saver = KeepUntilReplacedDiskSaver(tmp_path)
+    saver({"model": {"w": torch.ones(2)}}, "last_checkpoint_epoch=1.pt")
+    saver.remove("last_checkpoint_epoch=1.pt")  # what ignite's Checkpoint calls before saving the next one
+    assert (tmp_path / "last_checkpoint_epoch=1.pt").is_file()  # a kill here still leaves a checkpoint
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        saver({"model": {"w": lambda: None}}, "last_checkpoint_epoch=2.pt")  # a save that fails midway
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last_checkpoint_epoch=1.pt"]  # no partial file
+    saver({"model": {"w": torch.zeros(2)}}, "last_checkpoint_epoch=2.pt")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last_checkpoint_epoch=2.pt"]
+    saver.remove("model.pt")
+    saver({"w": torch.ones(1)}, "model.pt")  # a fixed name is replaced in place, not removed
+    assert torch.equal(_load(tmp_path / "model.pt")["w"], torch.ones(1))
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(trained_allinsam, tmp_path):
+    _, trained = trained_allinsam
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("last_checkpoint_epoch=2.pt", "model.pt"):
+        shutil.copy(trained / name, models / name)
+    before = {path.name: path.read_bytes() for path in models.iterdir()}
+    workflow = bundle_workflow([TRAIN], "train", epochs=4, val_interval=1, ckpt_dir=str(models),
+                               output_dir=str(tmp_path / "runs"),
+                               loss="$lambda prediction, label: (prediction * float('nan')).mean()")
+    with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error of a config expression
+        workflow.run()
+    assert isinstance(caught.value.__cause__, FloatingPointError)
+    assert re.fullmatch(r"training stopped at epoch 3, iteration 3: the loss is nan\. The last good checkpoint is "
+                        + re.escape(str(models / "last_checkpoint_epoch=2.pt")) + "; .*", str(caught.value.__cause__))
+    assert {path.name: path.read_bytes() for path in models.iterdir()} == before
