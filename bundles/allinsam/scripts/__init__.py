@@ -6,7 +6,8 @@
 - ``data/``: instance maps, boxes, class maps and image/label file I/O shared by every workflow.
 - ``losses/``: Dice + BCE per class and MOCL (molecular-oriented corrective learning).
 - ``metrics/``: the nuclei metrics of every workflow and both bundles.
-- ``training/``: resuming a run, or starting one from another run's weights.
+- ``training/``: kill-safe checkpoints, resuming a run (or starting from another run's weights), NaN stop, torchrun.
+- ``wsi/``: whole-slide inference: tissue tiles, stitched instances, QuPath GeoJSON / instance TIFF / NIfTI.
 """
 
 from pathlib import Path

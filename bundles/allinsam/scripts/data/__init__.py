@@ -4,6 +4,7 @@ from .datalist import check_entries, checked_datalist, checked_image_glob
 from .image_io import (
     read_instance_map,
     read_rgb_image,
+    staged,
     to_rgb8,
     write_json_atomic,
     write_png_atomic,
@@ -22,6 +23,7 @@ __all__ = [
     "read_rgb_image",
     "read_xml_polygons",
     "relabel_sequential",
+    "staged",
     "to_rgb8",
     "write_json_atomic",
     "write_png_atomic",

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +55,28 @@ def read_instance_map(path: str | os.PathLike) -> np.ndarray:
     return instances
 
 
-def _atomic_write(path: Path, write) -> None:
+@contextmanager
+def staged(path: str | os.PathLike):
+    """Yield a temporary path beside ``path`` (same suffixes, so writers that pick the format from them work) that is
+    renamed onto ``path`` when the block succeeds and removed when it fails: an output is never seen half-written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
     os.close(fd)
     try:
-        write(tmp_name)
+        yield Path(tmp_name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp's 0600 would hide the output from other users
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def _atomic_write(path: Path, write) -> None:
+    with staged(path) as tmp:
+        write(str(tmp))
 
 
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -1,0 +1,16 @@
+from .outputs import GeoJsonDetections, InstanceTiff
+from .reading import Slide
+from .slide_inference import infer_slide, load_checkpoint, predict_tile, run_wsi_inference
+from .tissue import tissue_mask, tissue_tiles
+
+__all__ = [
+    "GeoJsonDetections",
+    "InstanceTiff",
+    "Slide",
+    "infer_slide",
+    "load_checkpoint",
+    "predict_tile",
+    "run_wsi_inference",
+    "tissue_mask",
+    "tissue_tiles",
+]

@@ -1,0 +1,164 @@
+"""Whole-slide nucleus segmentation: tissue tiles -> batched sliding-window prediction -> instances stitched across
+tile borders -> GeoJSON / instance TIFF / NIfTI.
+
+Stitching: every tile (a ``tile_size`` level-0 cell of the grid) is read and predicted with a ``tile_halo`` margin on
+each side. An instance belongs to the tile whose cell holds its centroid (integer level-0 (y, x), the floor of the
+mean pixel position), and is whole there when it reaches at most ``tile_halo`` px beyond the cell, so each nucleus
+is written once and uncut. Two safeguards for predictions that differ slightly between neighbouring tiles (a real
+network sees different context): an instance overlapping one already written is dropped (``duplicates``), and one
+that touches the halo's outer edge is kept but counted (``cut``: raise ``tile_halo``).
+"""
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader
+from scipy import ndimage
+from tqdm import tqdm
+
+from ..data import instance_contours, staged, write_json_atomic
+from ..metrics import instances_from_mask
+from .outputs import GeoJsonDetections, InstanceTiff
+from .reading import Slide
+from .tissue import tissue_mask, tissue_tiles
+
+logger = logging.getLogger(__name__)
+
+
+def load_checkpoint(network: torch.nn.Module, ckpt_path: str | os.PathLike, device: torch.device | str) -> None:
+    """Load ``ckpt_path`` (a ``model.pt`` state dict or a ``{"model": ...}`` checkpoint) with MONAI's
+    CheckpointLoader, as inference.json does."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found (set --ckpt_path to a trained model.pt)")
+    CheckpointLoader(load_path=str(ckpt_path), load_dict={"model": network}, map_location=device)(
+        Engine(lambda engine, batch: None))
+
+
+def predict_tile(network: torch.nn.Module, inferer, image: np.ndarray, device: torch.device | str) -> np.ndarray:
+    """RGB uint8 (h, w, 3) -> foreground probabilities (C, h, w) float32: scaled to [0, 1] as the bundle's
+    ScaleIntensityRanged does, ``inferer(image, network)`` (logits), sigmoid."""
+    batch = torch.as_tensor(image, device=device).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        return torch.sigmoid(inferer(batch, network))[0].float().cpu().numpy()
+
+
+def infer_slide(slide_path: str | os.PathLike, network: torch.nn.Module, inferer, output_dir: str | os.PathLike,
+                classes: Sequence[str] = ("nucleus",), threshold: float = 0.5, tile_size: int = 1024,
+                tile_halo: int = 64, backend: str = "tifffile", tissue_level: int = -1,
+                tissue_brightness: float = 220, tissue_saturation: float = 0.05, instance_method: str = "components",
+                min_area: int = 8, write_nifti: bool = False, device: torch.device | str = "cpu",
+                progress: bool = True) -> dict:
+    """Segment the nuclei of one slide; ``network`` maps (B, 3, h, w) in [0, 1] to logits (B, C, h, w) through
+    ``inferer`` (the bundle's SlidingWindowInferer, whose ``sw_batch_size`` batches the windows).
+
+    Writes, committed together only when the whole slide succeeded, into ``output_dir``:
+    ``<name>.geojson`` (QuPath detections, level-0 pixels), ``<name>_instances.tif`` (uint32 (C, H, W) ids,
+    GeoJSON ``instance_id``s), ``<name>_instances.nii.gz`` with ``write_nifti`` and ``<name>_summary.json``
+    (the returned counts). Instances under ``min_area`` px are dropped; ``threshold`` as inference.json's.
+    """
+    if tile_halo < 1 or tile_size < 1:
+        raise ValueError(f"tile_size and tile_halo must be positive, got {tile_size} and {tile_halo}")
+    network.eval()
+    output_dir = Path(output_dir)
+    name = Path(slide_path).name.rsplit(".", 1)[0]
+    started = time.perf_counter()
+    with Slide(slide_path, backend) as slide:
+        thumbnail, downsample = slide.thumbnail(tissue_level)
+        tissue = tissue_mask(thumbnail, tissue_brightness, tissue_saturation)
+        tiles, grid = tissue_tiles(tissue, downsample, slide.shape, tile_size)
+        height, width = slide.shape
+        counts = {"slide": str(slide_path), "shape": [height, width], "tile_size": tile_size, "tile_halo": tile_halo,
+                  "tiles_in_grid": grid, "tissue_tiles": len(tiles), "tiles_run": [], "instances": 0,
+                  "instances_per_class": dict.fromkeys(classes, 0), "duplicates": 0, "cut": 0}
+        outputs = {"geojson": output_dir / f"{name}.geojson", "tiff": output_dir / f"{name}_instances.tif"}
+        if write_nifti:
+            outputs["nifti"] = output_dir / f"{name}_instances.nii.gz"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (staged(outputs["geojson"]) as geojson_tmp, staged(outputs["tiff"]) as tiff_tmp,
+              tempfile.TemporaryDirectory(dir=output_dir, prefix=f".{name}.scratch.") as scratch):
+            labels = InstanceTiff(Path(scratch) / "instances.tif", (len(classes), height, width))
+            features = GeoJsonDetections(geojson_tmp, list(classes))
+            try:
+                bar = tqdm(tiles, desc=f"{name}: tiles", unit="tile", disable=not progress, dynamic_ncols=True)
+                for y, x in bar:
+                    box = (max(y - tile_halo, 0), max(x - tile_halo, 0),
+                           min(y + tile_size + tile_halo, height), min(x + tile_size + tile_halo, width))
+                    image = slide.region(box[0], box[1], box[2] - box[0], box[3] - box[1])
+                    probability = predict_tile(network, inferer, image, device)
+                    for channel in range(len(classes)):
+                        _stitch(probability[channel] >= threshold, channel, (y, x), box, tile_size, slide.shape,
+                                instance_method, min_area, labels, features, counts, classes[channel])
+                    counts["tiles_run"].append([y, x])
+                    bar.set_postfix(nuclei=counts["instances"], refresh=False)
+            finally:
+                features.close()
+            labels.write_tiled(tiff_tmp)
+            if write_nifti:
+                with staged(outputs["nifti"]) as nifti_tmp:
+                    labels.write_nifti(nifti_tmp)
+    seconds = time.perf_counter() - started
+    counts.update(seconds=round(seconds, 2), tiles_per_s=round(len(tiles) / seconds, 3),
+                  outputs={key: str(path) for key, path in outputs.items()})
+    if counts["cut"]:
+        logger.warning(f"{slide_path}: {counts['cut']} nuclei reach past tile_halo={tile_halo} px and may be cut; "
+                       f"raise tile_halo")
+    write_json_atomic(output_dir / f"{name}_summary.json", counts)
+    return counts
+
+
+def _stitch(mask: np.ndarray, channel: int, cell: tuple[int, int], box: tuple[int, int, int, int], tile_size: int,
+            shape: tuple[int, int], instance_method: str, min_area: int, labels: InstanceTiff,
+            features: GeoJsonDetections, counts: dict, class_name: str) -> None:
+    """Write the instances of one tile's binary ``mask`` (h, w) (level-0 pixels ``box`` = (top, left, bottom,
+    right)) whose centroid lies in the tile's ``cell`` (y, x) of side ``tile_size``."""
+    top, left, bottom, right = box
+    instances = instances_from_mask(mask, instance_method)
+    band = labels.band(channel, top, bottom)
+    written = band[:, left:right]
+    kept, ids = np.zeros_like(instances), []  # kept: local ids 1..len(ids); ids: their slide-wide ids
+    for index, found in enumerate(ndimage.find_objects(instances)):
+        if found is None:
+            continue
+        rows, cols = np.nonzero(instances[found] == index + 1)
+        if rows.size < min_area:
+            continue
+        centroid_y = (int(rows.sum()) + rows.size * (found[0].start + top)) // rows.size
+        centroid_x = (int(cols.sum()) + cols.size * (found[1].start + left)) // cols.size
+        if not (cell[0] <= centroid_y < cell[0] + tile_size and cell[1] <= centroid_x < cell[1] + tile_size):
+            continue
+        pixels = (rows + found[0].start, cols + found[1].start)
+        if written[pixels].any():
+            counts["duplicates"] += 1
+            continue
+        edges = ((found[0].start == 0 and top > 0) or (found[0].stop == mask.shape[0] and bottom < shape[0])
+                 or (found[1].start == 0 and left > 0) or (found[1].stop == mask.shape[1] and right < shape[1]))
+        counts["cut"] += int(edges)
+        counts["instances"] += 1
+        counts["instances_per_class"][class_name] += 1
+        ids.append(counts["instances"])
+        kept[pixels] = len(ids)
+        written[pixels] = counts["instances"]
+    for local_id, contour in instance_contours(kept).items():
+        features.add([[px + left, py + top] for px, py in contour], channel, ids[local_id - 1])
+    del written, band
+
+
+def run_wsi_inference(slide_glob: str | None, network: torch.nn.Module, inferer, ckpt_path: str | os.PathLike,
+                      output_dir: str | os.PathLike, device: torch.device | str = "cpu", **options) -> list[dict]:
+    """Load ``ckpt_path`` into ``network`` and run ``infer_slide`` (``options``) on every slide matching
+    ``slide_glob``, in sorted order; returns their summaries."""
+    if not slide_glob:
+        raise ValueError("no slides given: set --slide_glob, e.g. \"slides/*.svs\"")
+    paths = sorted(glob(str(slide_glob)))
+    if not paths:
+        raise FileNotFoundError(f"{slide_glob}: no slide matches slide_glob")
+    load_checkpoint(network, ckpt_path, device)
+    return [infer_slide(path, network, inferer, output_dir, device=device, **options) for path in paths]
