@@ -82,6 +82,16 @@ def test_reads_tiles_of_the_pyramid_exactly(mosaic_slide):
         assert downsample == 4 and np.array_equal(thumbnail, mosaic[::4, ::4])
 
 
+def test_openslide_backend_reads_the_same_pixels(mosaic_slide):
+    pytest.importorskip("openslide")  # openslide-bin and openslide-python come with monailabel
+    path, mosaic = mosaic_slide
+    with Slide(path, backend="openslide") as slide:
+        assert slide.shape == mosaic.shape[:2] and slide.levels == 3
+        assert np.array_equal(slide.region(300, 700, 777, 1234), mosaic[300:1077, 700:1934])
+        thumbnail, downsample = slide.thumbnail()
+        assert downsample == 4 and np.array_equal(thumbnail, mosaic[::4, ::4])
+
+
 def test_reads_a_sub_ifd_pyramid(tmp_path):
     """OME-TIFF style: the reduced levels are sub-IFDs of the first page, not pages of their own."""
     image = read_rgb_image(min((SAMPLE_CROPS / "images").glob("*.png")))
