@@ -199,8 +199,10 @@ def test_bundle_config_runs_the_trained_network_on_a_slide(trained_allinsam, tmp
     whole.run()
     probability = np.asarray(Image.open(tmp_path / "png" / "slide_prob.png")) / 255
     # the 2-epoch network is confident everywhere (0.55-0.85): threshold both runs at the upper quartile of its
-    # tissue probabilities to get blobs to compare
-    threshold = float(np.quantile(probability[:, :512], 0.75))
+    # tissue probabilities to get blobs to compare, on a PNG level: the PNG holds floor(probability x 255), so
+    # ``png / 255 >= k / 255`` decides every pixel as ``probability >= k / 255`` does (a quantile between two levels
+    # would not, and made this test flaky)
+    threshold = float(np.floor(np.quantile(probability[:, :512], 0.75) * 255) / 255)
     expected = _instances(probability >= threshold)
 
     # a 256 halo with 256 tiles puts every window of every tile where the whole-image run had one: a network that
@@ -227,5 +229,5 @@ def test_bundle_config_runs_the_trained_network_on_a_slide(trained_allinsam, tmp
         best = int(np.argmax(overlap[1:]) + 1)
         ious.append(overlap[best] / np.count_nonzero(inside | (stitched == best)))
     ious = np.array(ious)
-    # PNG rounding of the whole-image probabilities may move a few pixels across the threshold
+    # batched windows (sw_batch_size 4 against 1) may still move a pixel or two across the threshold
     assert len(ious) >= 10 and np.mean(ious > 0.5) >= 0.95, (len(ious), np.round(ious, 2).tolist(), summary)
