@@ -98,8 +98,9 @@ def build_slide(path: str, size: int, monuseg: str) -> None:
 
 
 def main(ckpt_path: str | None = None, slide: str | None = None, size: int = 4096,
-         monuseg: str = "/work/shared/data/monuseg", network: str = "bundle", tile_size: int = 1024,
-         tile_halo: int = 64, sw_batch_size: int = 4, sw_overlap: float = 0.25, wsi_backend: str = "tifffile",
+         monuseg: str = str(REPO.parent / "shared" / "data" / "monuseg"), network: str = "bundle",
+         tile_size: int = 1024, tile_halo: int = 64, sw_batch_size: int = 4, sw_overlap: float = 0.25,
+         wsi_backend: str = "tifffile",
          output: str = str(REPO / "docs" / "results" / "wsi_throughput.json")) -> dict:
     """``network``: ``bundle`` (AllInSamNet with ``ckpt_path``) or ``stand_in`` (``DarkStandIn``)."""
     from monai.bundle import ConfigWorkflow
