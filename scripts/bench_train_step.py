@@ -23,22 +23,26 @@ BUNDLE = REPO / "bundles" / "allinsam"
 sys.path.insert(0, str(BUNDLE))
 
 
-def _train_workflow(ckpt_dir: str, epochs: int):
+def _train_workflow(ckpt_dir: str, epochs: int, trainable: str):
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train",
-                              epochs=epochs, val_interval=epochs + 1, batch_size=1, ckpt_dir=ckpt_dir,
+                              epochs=epochs, val_interval=epochs + 1, batch_size=1, trainable=trainable, ckpt_dir=ckpt_dir,
                               output_dir=ckpt_dir, resume=False)
     workflow.initialize()
     return workflow
 
 
-def main(steps: int = 12, warmup: int = 2, threads: int | None = None) -> dict:
+def main(steps: int = 12, warmup: int = 2, threads: int | None = None, trainable: str = "adapter") -> dict:
+    """``trainable``: a recipe that trains on images (``adapter`` or ``full``; the cached recipes' steps are not
+    comparable with a plain loop over images)."""
+    if trainable not in ("adapter", "full"):
+        raise ValueError(f"trainable must be 'adapter' or 'full' (recipes that train on images), got {trainable!r}")
     if threads:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as work:
         # bundle: SupervisedTrainer from train.json (2 training crops -> 2 steps per epoch)
-        workflow = _train_workflow(work, epochs=(steps + warmup + 1) // 2)
+        workflow = _train_workflow(work, epochs=(steps + warmup + 1) // 2, trainable=trainable)
         trainer = workflow.parser.get_parsed_content("train#trainer")
         stamps = []
         from ignite.engine import Events

@@ -112,15 +112,36 @@ def _wilcoxon_p(first: np.ndarray, second: np.ndarray) -> float:
     return float(wilcoxon(first, second).pvalue)
 
 
+def _read_scored(scored: str, names: list[str]) -> dict[tuple, tuple[None, dict]]:
+    """``"method=per_image.csv,..."``: the rows of ``method`` in a ``_per_image.csv`` this command wrote earlier (runs
+    scored by this same code whose prediction folders are gone) -> the ``scores`` entries of ``table``."""
+    scores = {}
+    for item in (part for part in scored.split(",") if part):
+        method, _, path = item.partition("=")
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                if row["method"] != method or row["image"] not in names:
+                    continue
+                key = (method, row["data"], row["labels"], int(row["seed"]))
+                scores.setdefault(key, (None, {}))[1][row["image"]] = {m: float(row[m]) for m in METRIC_NAMES}
+        if not any(key[0] == method for key in scores):
+            raise ValueError(f"{path}: no per-image rows of method {method!r}")
+    incomplete = [key for key, (_, per_image) in scores.items() if set(per_image) != set(names)]
+    if incomplete:
+        raise ValueError(f"{scored}: runs {incomplete} do not cover the {len(names)} test images")
+    return scores
+
+
 def table(runs: str | dict, datalist: str = "data/monuseg/datalist_all.json", output: str = "comparison",
           reference: str = "allinsam", instances: str = "components", hardware: str = "CPU, 2 cores",
-          note: str = "", panel_image: str | None = None) -> str:
-    """Score every run folder, write the table (Markdown + CSV), the per-image CSV, the Dice figure and the panel."""
+          note: str = "", panel_image: str | None = None, scored: str | None = None) -> str:
+    """Score every run folder, write the table (Markdown + CSV), the per-image CSV, the Dice figure and the panel.
+    ``scored``: methods taken from an earlier per-image CSV instead of folders (``"nnunet=old_per_image.csv"``)."""
     folders = _parse_runs(runs)
     cases = _test_cases(datalist)
     truths = {name: _read_png(Path(truth)) for name, (_, truth) in cases.items()}
     names = sorted(truths)
-    scores = {}  # (method, fraction, labels, seed) -> {image: metrics}
+    scores = _read_scored(scored, names) if scored else {}  # (method, fraction, labels, seed) -> {image: metrics}
     for method, method_folders in folders.items():
         for folder in tqdm(method_folders, desc=f"score {method}", unit="run"):
             key = (method, *_run_key(folder))
@@ -132,7 +153,7 @@ def table(runs: str | dict, datalist: str = "data/monuseg/datalist_all.json", ou
     _write_per_image(scores, names, output.with_name(output.name + "_per_image.csv"))
     settings = sorted({(fraction, labels) for _, fraction, labels, _ in scores}, key=lambda s: (-FRACTION_PERCENT.get(
         s[0], 0), s[1]))
-    methods = list(folders)
+    methods = list(folders) + sorted({method for method, *_ in scores} - set(folders))
     rows, summary = [], {}
     for fraction, labels in settings:
         per_image = {}
@@ -158,7 +179,8 @@ def table(runs: str | dict, datalist: str = "data/monuseg/datalist_all.json", ou
     _plot_dice(summary, output.with_name(output.name + "_dice.png"), hardware)
     first = {}
     for (method, fraction, labels, seed), (folder, _) in sorted(scores.items()):
-        first.setdefault((method, labels, fraction), folder)
+        if folder is not None:  # runs read from a per-image CSV have no predictions to draw
+            first.setdefault((method, labels, fraction), folder)
     _plot_panel(first, panel_image or names[0], truths, cases, datalist,
                 output.with_name(output.name + "_panel.png"))
     return str(output.with_name(output.name + ".md"))

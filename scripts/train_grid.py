@@ -26,6 +26,8 @@ sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
 from scripts.metrics import METRIC_NAMES  # noqa: E402  (the bundle's package)
 from scripts.training import last_checkpoint  # noqa: E402
 
+# options that change the network's parameters: evaluation must build the same network as training
+NETWORK_OPTIONS = ("trainable", "backbone", "sam_checkpoint", "sam_checkpoint_sha256")
 TABLE_COLUMNS = ("dice", "auc", "recall", "precision", "best_f1", "iou", "adj", "aji", "detection_f1", "pq")
 
 
@@ -61,6 +63,14 @@ def _run_logged(command: list[str], log: Path) -> float:
         tail = log.read_text().splitlines()[-15:]
         raise RuntimeError(f"{' '.join(command)} failed ({log}):\n" + "\n".join(tail))
     return time.perf_counter() - start
+
+
+def training_steps(checkpoint: Path | None) -> int | None:
+    """Optimizer steps a training run took, from its last checkpoint's trainer state."""
+    if checkpoint is None:
+        return None
+    import torch
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["trainer"]["iteration"])
 
 
 def seed_list(seeds: str | int | tuple) -> list[int]:
@@ -99,13 +109,14 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
             seconds = _run_logged(_bundle_command([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"],
                                                   "training", train), run_dir / "train.log")
             weights = run_dir / "models" / "model.pt" if checkpoint == "best" else last_checkpoint(run_dir / "models")
-            evaluate = {**dataset, "labels": label, "ckpt_path": weights,
-                        "output_dir": run_dir / "test", "sw_overlap": sw_overlap}
+            evaluate = {**dataset, "labels": label, "ckpt_path": weights, "output_dir": run_dir / "test",
+                        "sw_overlap": sw_overlap, **{key: overrides[key] for key in NETWORK_OPTIONS if key in overrides}}
             eval_seconds = _run_logged(_bundle_command(
                 [CONFIGS / "inference.json", CONFIGS / "evaluate.json", CONFIGS / "datasets" / "monuseg.json"],
                 None, evaluate), run_dir / "evaluate.log")
-            (run_dir / "timing.csv").write_text(f"train_s,evaluate_s\n{seconds:.1f},{eval_seconds:.1f}\n")
-            print(f"{run_dir.name}: trained in {seconds:.0f} s, evaluated in {eval_seconds:.0f} s")
+            steps = training_steps(last_checkpoint(run_dir / "models"))
+            (run_dir / "timing.csv").write_text(f"train_s,evaluate_s,steps\n{seconds:.1f},{eval_seconds:.1f},{steps}\n")
+            print(f"{run_dir.name}: trained in {seconds:.0f} s ({steps} steps), evaluated in {eval_seconds:.0f} s")
     return str(runs)
 
 
@@ -146,30 +157,51 @@ def _read_means(metrics_csv: Path) -> dict[str, float]:
         return {name: float(value) for name, value in csv.reader(handle)}
 
 
+def _read_timing(metrics_csv: Path) -> dict[str, float]:
+    """``train_s`` (whole training command, start-up included) and ``steps`` of a run; NaN where not recorded."""
+    timing = metrics_csv.parent.parent / "timing.csv"
+    row = next(csv.DictReader(open(timing))) if timing.is_file() else {}
+    return {key: float(row[key]) if row.get(key) not in (None, "", "None") else float("nan")
+            for key in ("train_s", "steps")}
+
+
+def _span(values: list[float], form: str) -> str:
+    """``a-b`` over the seeds (``a`` when all equal; ``?`` when unknown)."""
+    known = [value for value in values if value == value]
+    if not known:
+        return "?"
+    low, high = form.format(min(known)), form.format(max(known))
+    return low if low == high else f"{low}-{high}"
+
+
 def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str = "") -> str:
     """Mean ± sd over seeds of the per-run test means, per (fraction, labels); writes ``output``.md and .csv."""
     rows = {}
     for metrics_csv in sorted(Path(runs_dir).glob("*/test/metrics.csv")):
         fraction, label, seed = metrics_csv.parent.parent.name.rsplit("_", 2)
-        rows.setdefault((fraction, label), []).append((seed, _read_means(metrics_csv)))
+        rows.setdefault((fraction, label), []).append((seed, _read_means(metrics_csv) | _read_timing(metrics_csv)))
     if not rows:
         raise FileNotFoundError(f"{runs_dir}: no */test/metrics.csv (run `train_grid.py run` first)")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    header = ["labels", "data", "seeds"] + list(TABLE_COLUMNS)
+    header = ["labels", "data", "seeds", "train min", "steps"] + list(TABLE_COLUMNS)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with open(output.with_name(output.name + ".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["labels", "data", "seed"] + list(METRIC_NAMES))
+        writer.writerow(["labels", "data", "seed", "train_s", "steps"] + list(METRIC_NAMES))
         for (fraction, label), runs in sorted(rows.items()):
             for seed, means in runs:
-                writer.writerow([label, fraction, seed] + [f"{means[name]:.4f}" for name in METRIC_NAMES])
+                writer.writerow([label, fraction, seed, means["train_s"], means["steps"]]
+                                + [f"{means[name]:.4f}" for name in METRIC_NAMES])
             values = {name: np.array([means[name] for _, means in runs]) for name in TABLE_COLUMNS}
             cells = [f"{values[name].mean():.4f} ± {values[name].std(ddof=1) if len(runs) > 1 else 0:.4f}"
                      for name in TABLE_COLUMNS]
-            lines.append("| " + " | ".join([label, fraction, str(len(runs))] + cells) + " |")
-    text = (f"# All-in-SAM (LiteMedSAM + SAM-Adapter) on the MoNuSeg test set (14 images)\n\n"
-            f"Hardware: {hardware}. Mean ± sd over seeds of each run's mean over the test images. {note}\n\n"
+            spent = _span([means["train_s"] / 60 for _, means in runs], "{:.1f}")
+            steps = _span([means["steps"] for _, means in runs], "{:.0f}")
+            lines.append("| " + " | ".join([label, fraction, str(len(runs)), spent, steps] + cells) + " |")
+    text = (f"# All-in-SAM (LiteMedSAM) on the MoNuSeg test set (14 images)\n\n"
+            f"Hardware: {hardware}. Mean ± sd over seeds of each run's mean over the test images; train min: the whole "
+            f"training command (start-up and feature caching included), steps: optimizer steps. {note}\n\n"
             + "\n".join(lines) + "\n")
     output.with_name(output.name + ".md").write_text(text)
     print(text)

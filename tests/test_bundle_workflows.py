@@ -11,7 +11,10 @@ from conftest import BUNDLE, SAMPLE_CROPS, bundle_workflow
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 
+from monai.transforms import Compose
+
 from scripts.data import read_rgb_image
+from scripts.training import AugmentedViewd
 from scripts.metrics import METRIC_NAMES
 
 CONFIGS = BUNDLE / "configs"
@@ -22,12 +25,13 @@ TRAIN, INFER, EVALUATE, MONUSEG = (CONFIGS / name for name in ("train.json", "in
 def test_training_writes_best_and_last_checkpoints(trained_allinsam):
     workflow, models = trained_allinsam
     trainer = workflow.parser.get_parsed_content("train#trainer")
-    assert trainer.state.epoch == 2 and trainer.state.iteration == 2  # 2 crops, batch 2
+    assert trainer.state.epoch == 2 and trainer.state.iteration == 2  # 2 views of 2 crops, batch 4
     assert np.isfinite(float(trainer.state.output[0]["loss"]))
     assert (models / "model.pt").is_file() and (models / "last_checkpoint_epoch=2.pt").is_file()
     assert not list(models.glob("*.tmp"))  # written atomically
     best = torch.load(models / "model.pt", weights_only=True)
-    assert "sam.image_encoder.generators.0.shared_mlp.weight" in best  # a flat state dict of AllInSamNet
+    assert "sam.image_encoder.layers.3.blocks.0.attn.qkv.weight" in best  # a flat state dict of AllInSamNet
+    assert not any("generators" in name for name in best)  # the default recipe trains the tail, no adapter
     assert set(workflow.parser.get_parsed_content("validate#evaluator").state.metrics) == {"val_loss", "val_dice"}
 
 
@@ -36,7 +40,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(trained_allinsam, tmp_path)
     resumed_models = tmp_path / "models"
     resumed_models.mkdir()
     (resumed_models / "last_checkpoint_epoch=2.pt").write_bytes((models / "last_checkpoint_epoch=2.pt").read_bytes())
-    workflow = bundle_workflow([TRAIN], "train", epochs=3, val_interval=5, ckpt_dir=str(resumed_models),
+    workflow = bundle_workflow([TRAIN], "train", epochs=3, views=2, val_interval=5, ckpt_dir=str(resumed_models),
                          output_dir=str(tmp_path / "runs"))
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -93,9 +97,11 @@ def test_monuseg_dataset_config_swaps_in_by_merging(prepared_monuseg):
     data = workflow.parser.get_parsed_content("train#dataset#data")
     patches = json.loads((output / "datalist_0.5pct_seed0.json").read_text())["patches"]
     assert len(data) == len(patches) == 3
-    transform = workflow.parser.get_parsed_content("train#preprocessing")
-    sample = transform(data[0])[0]
-    assert sample["image"].shape == (3, 256, 256) and sample["label"].shape == (1, 256, 256)
-    covered = (sample["image"] > 0).any(dim=0).float().mean().item()
-    assert covered > 0.55  # the 200x200 labelled patch padded to 256, not the black rest of the image
-    assert sample["label"].sum() > 0
+    load = Compose(workflow.parser.get_parsed_content("load"))
+    view = AugmentedViewd(workflow.parser.get_parsed_content("train#view_augmentation"))
+    for k in range(4):
+        sample = view(dict(load(data[0]), view=f"patch#{k}"))
+        assert sample["image"].shape == (3, 256, 256) and sample["label"].shape == (1, 256, 256)
+        black = (sample["image"] == 0).all(dim=0).float().mean().item()
+        assert black == 0  # the 200x200 labelled patch, zoomed and reflect-padded: none of the black rest
+        assert sample["label"].sum() > 0

@@ -212,13 +212,13 @@ def test_two_class_training_mocl_refinement_and_per_class_evaluation(two_class_c
     dataset = [str(CONFIGS / "datasets" / "monuseg_two_class.json")]
     common = dict(dataset_dir=str(two_class_crops), logging_file=str(CONFIGS / "logging.conf"))
     plain = ConfigWorkflow(config_file=[str(CONFIGS / "train.json")] + dataset, workflow_type="train", epochs=1,
-                           val_interval=1, ckpt_dir=str(tmp_path / "plain"), output_dir=str(tmp_path / "tb"),
+                           views=4, val_interval=1, ckpt_dir=str(tmp_path / "plain"), output_dir=str(tmp_path / "tb"),
                            **common)
     plain.initialize()
     assert plain.parser.get_parsed_content("network").out_channels == 2
     plain.run()
     mocl = ConfigWorkflow(config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "mocl_train.json")] + dataset,
-                          workflow_type="train", epochs=2, val_interval=2, start_ckpt=str(tmp_path / "plain" /
+                          workflow_type="train", epochs=2, views=4, val_interval=2, start_ckpt=str(tmp_path / "plain" /
                                                                                           "model.pt"),
                           ckpt_dir=str(tmp_path / "mocl"), output_dir=str(tmp_path / "tb"), **common)
     mocl.initialize()

@@ -18,35 +18,39 @@ from conftest import BUNDLE, REPO, bundle_workflow
 from scripts.training import KeepUntilReplacedDiskSaver
 
 TRAIN = BUNDLE / "configs" / "train.json"
+VIEWS = 8  # cached views for the tail recipe (4 per crop); the adapter recipe trains on the 2 crops themselves
 
 
-def _train_command(models, runs, epochs: int) -> list[str]:
+def _train_command(models, runs, epochs: int, trainable: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN),
             "--epochs", str(epochs), "--val_interval", "1", "--batch_size", "1", "--warmup_steps", "0",
-            "--ckpt_dir", str(models), "--output_dir", str(runs)]
+            "--trainable", trainable, "--views", str(VIEWS), "--ckpt_dir", str(models), "--output_dir", str(runs)]
 
 
 def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_sigkill_mid_epoch_then_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("trainable, steps_per_epoch, into_epoch_s", [("tail", VIEWS, 1.0), ("adapter", 2, 4.0)])
+def test_sigkill_mid_epoch_then_the_same_command_resumes(tmp_path, trainable, steps_per_epoch, into_epoch_s):
+    """Both recipes: cached features (a step takes about 0.5 s) and the adapter (about 5-8 s)."""
     models, runs = tmp_path / "models", tmp_path / "runs"
-    command = _train_command(models, runs, epochs=3)  # 2 crops, batch 1: 2 iterations an epoch
+    command = _train_command(models, runs, epochs=3, trainable=trainable)
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 600
         while not (models / "last_checkpoint_epoch=1.pt").exists():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline
-            time.sleep(0.2)
-        time.sleep(4)  # into epoch 2: its first iteration (about 5-8 s) is running
+            time.sleep(0.05)
+        time.sleep(into_epoch_s)  # into epoch 2
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     kept = sorted(path.name for path in models.iterdir())
     assert kept == ["last_checkpoint_epoch=1.pt", "model.pt"]  # no temporary or half-written file
     at_kill = _load(models / "last_checkpoint_epoch=1.pt")  # loads: written whole
-    assert at_kill["trainer"]["iteration"] == 2 and set(at_kill) >= {"optimizer", "lr_scheduler", "early_stop"}
+    assert at_kill["trainer"]["iteration"] == steps_per_epoch
+    assert set(at_kill) >= {"optimizer", "lr_scheduler", "early_stop", "budget"}
 
     resumed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
@@ -55,9 +59,10 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes(tmp_path):
     assert "SupervisedTrainer - INFO - Epoch[2] Complete" in resumed.stdout
     assert sorted(path.name for path in models.iterdir()) == ["last_checkpoint_epoch=3.pt", "model.pt"]
     final = _load(models / "last_checkpoint_epoch=3.pt")
-    assert final["trainer"]["iteration"] == 6  # epochs 2 and 3 only, not 3 more
-    assert final["lr_scheduler"]["last_epoch"] == 6  # the scheduler went on from where it stopped
-    assert all(step["step"] == 6 for step in final["optimizer"]["state"].values())  # so did AdamW's moments
+    assert final["trainer"]["iteration"] == 3 * steps_per_epoch  # epochs 2 and 3 only, not 3 more
+    assert final["lr_scheduler"]["last_epoch"] == 3 * steps_per_epoch  # the scheduler went on from where it stopped
+    assert all(step["step"] == 3 * steps_per_epoch for step in final["optimizer"]["state"].values())  # and AdamW
+    assert final["budget"]["elapsed_s"] > at_kill["budget"]["elapsed_s"]  # the training clock went on too
 
 
 def test_early_stopping_and_best_model_state_survive_a_restart(trained_allinsam, tmp_path):
@@ -71,7 +76,7 @@ def test_early_stopping_and_best_model_state_survive_a_restart(trained_allinsam,
     shutil.copy(trained / "model.pt", models / "model.pt")
     best_before = (models / "model.pt").read_bytes()
 
-    workflow = bundle_workflow([TRAIN], "train", epochs=3, val_interval=1, early_stop_patience=100,
+    workflow = bundle_workflow([TRAIN], "train", epochs=3, views=2, val_interval=1, early_stop_patience=100,
                                ckpt_dir=str(models), output_dir=str(tmp_path / "runs"))
     workflow.run()
     early_stop = workflow.parser.get_parsed_content("validate#early_stop")._handler
@@ -102,7 +107,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(traine
     for name in ("last_checkpoint_epoch=2.pt", "model.pt"):
         shutil.copy(trained / name, models / name)
     before = {path.name: path.read_bytes() for path in models.iterdir()}
-    workflow = bundle_workflow([TRAIN], "train", epochs=4, val_interval=1, ckpt_dir=str(models),
+    workflow = bundle_workflow([TRAIN], "train", epochs=4, views=2, val_interval=1, ckpt_dir=str(models),
                                output_dir=str(tmp_path / "runs"),
                                loss="$lambda prediction, label: (prediction * float('nan')).mean()")
     with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error of a config expression

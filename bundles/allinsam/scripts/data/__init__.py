@@ -9,9 +9,11 @@ from .image_io import (
     write_json_atomic,
     write_png_atomic,
 )
+from .stain_augmentation import RandHEDJitterd
 from .instances import boxes_from_instances, instance_contours, relabel_sequential
 
 __all__ = [
+    "RandHEDJitterd",
     "SplitClassesd",
     "boxes_from_instances",
     "check_entries",

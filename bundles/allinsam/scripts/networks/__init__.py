@@ -1,4 +1,5 @@
-from .allinsam_net import AllInSamNet
+from .allinsam_net import AllInSamNet, FeatureHead
+from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .sam_adapter import AdaptedTinyViTEncoder, AdaptedViTEncoder, PromptGenerator, adapt_encoder, high_frequency_component
 from .sam_backbones import (
     LITEMEDSAM_SHA256,
@@ -15,13 +16,17 @@ __all__ = [
     "AdaptedTinyViTEncoder",
     "AdaptedViTEncoder",
     "AllInSamNet",
+    "FeatureHead",
     "PromptGenerator",
     "SamBackbone",
     "adapt_encoder",
     "build_sam_vit",
+    "encoder_prefix",
+    "encoder_tail",
     "fuse_conv_bn_for_inference",
     "high_frequency_component",
     "load_litemedsam",
     "load_sam",
     "sha256_of_file",
+    "tail_modules",
 ]

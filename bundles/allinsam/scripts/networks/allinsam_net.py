@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .sam_adapter import adapt_encoder
 from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam
 
 logger = logging.getLogger(__name__)
-TRAINABLE_CHOICES = ("adapter", "decoder", "full")
+TRAINABLE_CHOICES = ("adapter", "tail", "decoder", "full")
+# the trainable parts start after a frozen part of the encoder, whose output can be cached per view
+CACHEABLE_CHOICES = ("tail", "decoder")
 
 
 class AllInSamNet(nn.Module):
@@ -25,7 +28,9 @@ class AllInSamNet(nn.Module):
         pretrained: False builds a random backbone (tests, ablations).
         image_size: ViT input side for random weights (tests at small sizes); ignored for LiteMedSAM.
         trainable: ``adapter`` (the paper: prompt generators + mask decoder + no-mask embedding),
-            ``decoder`` (no adapter; mask decoder + no-mask embedding) or ``full`` (everything, with the adapter).
+            ``tail`` (no adapter; the encoder's last stage and neck + mask decoder + no-mask embedding, see
+            ``encoder_tail``), ``decoder`` (no adapter; mask decoder + no-mask embedding) or ``full`` (everything,
+            with the adapter). With ``tail`` and ``decoder`` the frozen part's output can be cached per view.
         out_channels: C, one binary mask per class, read from the decoder's first C mask tokens (at most 4).
         freq_rate: share of the spectrum's area removed as low frequencies for the handcrafted feature.
         scale_factor: adapter width = encoder width // scale_factor.
@@ -45,7 +50,10 @@ class AllInSamNet(nn.Module):
         self.frozen_encoder = [sam.image_encoder]  # the SAM's own encoder (a list: not registered a second time)
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad = trainable == "full"
-        if trainable != "decoder":
+        if trainable == "tail":
+            for module in tail_modules(sam.image_encoder):
+                module.requires_grad_(True)
+        if trainable in ("adapter", "full"):
             sam.image_encoder = adapt_encoder(sam.image_encoder, freq_rate, scale_factor)
         for parameter in sam.prompt_encoder.parameters():
             parameter.requires_grad = False
@@ -62,8 +70,14 @@ class AllInSamNet(nn.Module):
         parameters = list(self.parameters())
         return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
 
+    @property
+    def cacheable(self) -> bool:
+        """Whether training can run on cached ``frozen_features`` (``trainable`` is ``tail`` or ``decoder``)."""
+        return self.trainable in CACHEABLE_CHOICES
+
     def train(self, mode: bool = True) -> "AllInSamNet":
-        """A frozen encoder stays in eval mode (its BatchNorm statistics and drop-path do not change)."""
+        """A frozen (or partly frozen) encoder stays in eval mode (its BatchNorm statistics and drop-path do not
+        change; a trained tail still gets gradients)."""
         super().train(mode)
         if self.trainable != "full":
             self.frozen_encoder[0].eval()
@@ -73,16 +87,41 @@ class AllInSamNet(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, C, S, S); with ``return_features`` also the decoder's per-pixel embedding E (B, D, S, S)
         (the upscaled image embedding the mask tokens are read from; D = 32 for every SAM here), for MOCL."""
+        self._check_image(image)
+        if self.cacheable:
+            return self.forward_features(self.frozen_features(image), return_features)
+        return self._decoded(self.sam.image_encoder(self.sam.preprocess(image * 255.0)), return_features)
+
+    def frozen_features(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) RGB in [0, 1] -> the output of the frozen part (no gradient): for ``tail`` the tokens
+        entering the encoder's tail (LiteMedSAM: (B, 4096, 320)), for ``decoder`` the (B, 256, E, E) embedding."""
+        if not self.cacheable:
+            raise ValueError(f"trainable={self.trainable!r} trains the whole encoder path: nothing to cache")
+        self._check_image(image)
+        with torch.no_grad():
+            tokens = encoder_prefix(self.sam.image_encoder, self.sam.preprocess(image * 255.0))
+            return encoder_tail(self.sam.image_encoder, tokens) if self.trainable == "decoder" else tokens
+
+    def forward_features(self, features: torch.Tensor, return_features: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``frozen_features`` output (cached or fresh) -> logits (B, C, S, S) (and E, as ``forward``)."""
+        return self._decoded(self._embed_features(features), return_features)
+
+    def _decoded(self, embeddings: torch.Tensor, return_features: bool
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not return_features:
+            return _resized(self.decode(embeddings), self.image_size)
+        logits, features = self.decode(embeddings, return_features=True)
+        return _resized(logits, self.image_size), _resized(features, self.image_size)
+
+    def _embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        return encoder_tail(self.sam.image_encoder, features) if self.trainable == "tail" else features
+
+    def _check_image(self, image: torch.Tensor) -> None:
         size = self.image_size
         if image.ndim != 4 or image.shape[1] != 3 or tuple(image.shape[-2:]) != (size, size):
             raise ValueError(f"AllInSamNet expects (B, 3, {size}, {size}) RGB in [0, 1], got {tuple(image.shape)}")
-        encoder_input = self.sam.preprocess(image * 255.0)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable != "decoder"):
-            embeddings = self.sam.image_encoder(encoder_input)
-        if not return_features:
-            return _resized(self.decode(embeddings), size)
-        logits, features = self.decode(embeddings, return_features=True)
-        return _resized(logits, size), _resized(features, size)
 
     def decode(self, embeddings: torch.Tensor, return_features: bool = False
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +142,20 @@ class AllInSamNet(nn.Module):
                 hook.remove()
         logits = torch.cat(masks)[:, :self.out_channels]
         return (logits, torch.cat(features)) if return_features else logits
+
+
+class FeatureHead(nn.Module):
+    """The trainable part of a cacheable ``AllInSamNet`` as a network of its own: ``frozen_features`` -> logits
+    (B, C, S, S). What a trainer runs on cached features; it shares (and saves as) the wrapped network's weights."""
+
+    def __init__(self, network: AllInSamNet):
+        super().__init__()
+        if not network.cacheable:
+            raise ValueError(f"trainable={network.trainable!r}: only 'tail' or 'decoder' train on cached features")
+        self.network = network
+
+    def forward(self, features: torch.Tensor, return_features: bool = False):
+        return self.network.forward_features(features, return_features)
 
 
 def _resized(maps: torch.Tensor, size: int) -> torch.Tensor:

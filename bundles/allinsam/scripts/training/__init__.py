@@ -7,9 +7,29 @@ from .checkpoints import (
     resume_from_last_checkpoint,
     resume_or_start_from,
 )
+from .budget import TrainingBudget
 from .distributed import init_distributed
+from .feature_cache import (
+    AugmentedViewd,
+    FrozenFeaturesd,
+    ViewCacheKey,
+    feature_cache_dataset,
+    frozen_weights_sha256,
+    trainer_network,
+    training_dataset,
+    view_datalist,
+)
 
 __all__ = [
+    "AugmentedViewd",
+    "FrozenFeaturesd",
+    "TrainingBudget",
+    "ViewCacheKey",
+    "feature_cache_dataset",
+    "frozen_weights_sha256",
+    "trainer_network",
+    "training_dataset",
+    "view_datalist",
     "LAST_CHECKPOINT_PREFIX",
     "EarlyStopState",
     "KeepUntilReplacedDiskSaver",

@@ -1,0 +1,206 @@
+"""Where the prompt-free model's learning is limited: train heads of different depth on cached LiteMedSAM features of
+augmented views of the labelled patches, score on the validation images (never the test split).
+
+    python scripts/convergence_probe.py cache --datalist data/monuseg/datalist_0.5pct_seed0.json --views 96
+    python scripts/convergence_probe.py train --datalist data/monuseg/datalist_0.5pct_seed0.json --head decoder
+    python scripts/convergence_probe.py train --datalist ... --head tail      # last TinyViT stage + neck + decoder
+
+``cache`` runs the frozen encoder once per view up to the input of its last stage (stage 3) and stores it under
+``work_dirs/probe/<datalist stem>/``: ``views`` augmented views of the training patches (dihedral turn, the
+bundle's H&E jitter, scale 0.8-1.25, reflect padding to 256) and the 256-px windows of the validation images
+(reflect-padded to a multiple of 256, no overlap). ``train`` fits the chosen head on the cached views for
+``steps`` steps and prints the validation Dice at threshold 0.5 and at the best threshold, every ``eval_every``.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
+from scripts.data import RandHEDJitterd, read_rgb_image  # noqa: E402
+from scripts.losses import dice_bce  # noqa: E402
+from scripts.networks import AllInSamNet, encoder_tail  # noqa: E402
+
+WINDOW = 256
+THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
+
+
+def _label(path: Path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as image:
+        return (np.array(image) > 0).astype(np.float32)
+
+
+def _patches(datalist: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The labelled training patches (image (h, w, 3) uint8, label (h, w) float), cut out of the zeroed images."""
+    content = json.loads(datalist.read_text())
+    boxes = {patch["image"]: patch["box"] for patch in content.get("patches", [])}
+    out = []
+    for entry in content["training"]:
+        image, label = read_rgb_image(datalist.parent / entry["image"]), _label(datalist.parent / entry["label"])
+        x0, y0, x1, y1 = boxes.get(Path(entry["image"]).stem, (0, 0, image.shape[1], image.shape[0]))
+        out.append((image[y0:y1, x0:x1], label[y0:y1, x0:x1]))
+    return out
+
+
+def augmented_view(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, scale: bool = True,
+                   stain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training view: (3, 256, 256) in [0, 1] and (1, 256, 256) label."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    if stain:
+        jitter = RandHEDJitterd("image")
+        jitter.set_random_state(seed=int(rng.integers(2 ** 31)))
+        x = jitter({"image": x})["image"]
+    x = x[None]
+    y = torch.from_numpy(label)[None, None]
+    if scale:
+        factor = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+        size = [max(8, round(s * factor)) for s in x.shape[-2:]]
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        y = F.interpolate(y, size=size, mode="nearest")
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    x, y = torch.rot90(x, turns, (2, 3)), torch.rot90(y, turns, (2, 3))
+    if flip:
+        x, y = x.flip(3), y.flip(3)
+    h, w = x.shape[-2:]
+    if h > WINDOW or w > WINDOW:  # random crop to the window
+        top, left = int(rng.integers(max(h - WINDOW, 0) + 1)), int(rng.integers(max(w - WINDOW, 0) + 1))
+        x, y = x[..., top:top + WINDOW, left:left + WINDOW], y[..., top:top + WINDOW, left:left + WINDOW]
+        h, w = x.shape[-2:]
+    top, left = int(rng.integers(WINDOW - h + 1)), int(rng.integers(WINDOW - w + 1))
+    pad = (left, WINDOW - w - left, top, WINDOW - h - top)
+    x = _reflect_pad(x, pad)
+    y = _reflect_pad(y, pad)
+    return x[0], y[0]
+
+
+def _reflect_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """Reflect padding that also works when the pad exceeds the size (repeated reflections)."""
+    while any(pad):
+        h, w = x.shape[-2:]
+        step = (min(pad[0], w - 1), min(pad[1], w - 1), min(pad[2], h - 1), min(pad[3], h - 1))
+        x = F.pad(x, step, mode="reflect")
+        pad = tuple(p - s for p, s in zip(pad, step))
+    return x
+
+
+def _windows(image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(H, W, 3) uint8 -> (N, 3, 256, 256) non-overlapping windows of the reflect-padded image, row-major."""
+    x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0
+    h, w = x.shape[-2:]
+    rows, cols = math.ceil(h / WINDOW), math.ceil(w / WINDOW)
+    x = _reflect_pad(x, (0, cols * WINDOW - w, 0, rows * WINDOW - h))[0]
+    tiles = [x[:, r * WINDOW:(r + 1) * WINDOW, c * WINDOW:(c + 1) * WINDOW] for r in range(rows) for c in range(cols)]
+    return torch.stack(tiles), (rows, cols)
+
+
+def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = None, scale: bool = True,
+          stain: bool = True, validation: bool = True) -> str:
+    """Encoder features (stage-3 input) of ``views`` augmented training views and of the validation windows."""
+    datalist = Path(datalist)
+    out = Path(output or REPO / "work_dirs" / "probe" / datalist.stem)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    net = AllInSamNet(trainable="tail").eval()  # frozen_features: the tokens entering TinyViT's last stage
+    rng = np.random.default_rng(seed)
+    patches = _patches(datalist)
+    start = time.perf_counter()
+    features, labels = [], []
+    with torch.no_grad():
+        for index in range(views):
+            image, label = augmented_view(*patches[index % len(patches)], rng, scale=scale, stain=stain)
+            features.append(net.frozen_features(image[None]).to(torch.bfloat16))
+            labels.append(label)
+    tag = f"train_v{views}_s{seed}" + ("" if scale else "_noscale") + ("" if stain else "_nostain")
+    torch.save({"features": torch.cat(features), "labels": torch.stack(labels)}, out / f"{tag}.pt")
+    print(f"{views} training views cached in {time.perf_counter() - start:.0f} s -> {out / tag}.pt")
+    if validation and not (out / "validation.pt").is_file():
+        content = json.loads(datalist.read_text())
+        start, items = time.perf_counter(), []
+        with torch.no_grad():
+            for entry in content["validation"]:
+                image = read_rgb_image(datalist.parent / entry["image"])
+                windows, grid = _windows(image)
+                feats = torch.cat([net.frozen_features(w[None]) for w in windows]).to(torch.bfloat16)
+                truth = _label(datalist.parent / entry["label"].replace("weak/", "").replace("_weak", ""))
+                items.append({"name": Path(entry["image"]).stem, "features": feats, "grid": grid,
+                              "shape": image.shape[:2], "truth": torch.from_numpy(truth)})
+        torch.save(items, out / "validation.pt")
+        print(f"validation windows cached in {time.perf_counter() - start:.0f} s")
+    return str(out)
+
+
+def validation_dice(net: AllInSamNet, items: list[dict], embed) -> tuple[float, float, float]:
+    """Mean Dice over the validation images at 0.5, and at the best threshold (with that threshold)."""
+    scores = np.zeros((len(items), len(THRESHOLDS)))
+    net.eval()
+    with torch.no_grad():
+        for row, item in enumerate(items):
+            feats = item["features"]
+            logits = torch.cat([net.decode(embed(feats[i:i + 8].float())) for i in range(0, len(feats), 8)])[:, 0]
+            rows, cols = item["grid"]
+            prob = torch.sigmoid(logits).view(rows, cols, WINDOW, WINDOW).permute(0, 2, 1, 3).reshape(
+                rows * WINDOW, cols * WINDOW)[:item["shape"][0], :item["shape"][1]]
+            truth = item["truth"] > 0
+            for col, t in enumerate(THRESHOLDS):
+                mask = prob > t
+                scores[row, col] = 2 * (mask & truth).sum().item() / max(mask.sum().item() + truth.sum().item(), 1)
+    mean = scores.mean(0)
+    at_half = mean[list(THRESHOLDS).index(0.5)]
+    return float(at_half), float(mean.max()), float(THRESHOLDS[mean.argmax()])
+
+
+def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, steps: int = 600, batch: int = 4,
+          lr: float = 5e-4, eval_every: int = 150, cache_dir: str | None = None, train_file: str | None = None) -> None:
+    """Fit ``head`` (``decoder``: mask decoder + no-mask embedding on frozen embeddings; ``tail``: also TinyViT's
+    last stage and neck) on the cached views; print validation Dice. ``train_file``: cached view files,
+    comma-separated (default ``train_v<views>_s0.pt``)."""
+    datalist = Path(datalist)
+    out = Path(cache_dir or REPO / "work_dirs" / "probe" / datalist.stem)
+    files = (train_file.split(",") if isinstance(train_file, str) else list(train_file)) if train_file else [
+        f"train_v{views}_s0.pt"]
+    parts = [torch.load(out / name) for name in files]
+    cached = {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
+    items = torch.load(out / "validation.pt")
+    torch.manual_seed(seed)
+    net = AllInSamNet(trainable=head)
+    params = [p for p in net.parameters() if p.requires_grad]
+    tail = lambda x: encoder_tail(net.sam.image_encoder, x)  # noqa: E731
+    features, labels = cached["features"], cached["labels"]
+    if head == "decoder":  # the frozen tail once per view
+        with torch.no_grad():
+            net.eval()
+            features = torch.cat([tail(features[i:i + 8].float()) for i in range(0, len(features), 8)])
+            items = [dict(item, features=torch.cat([tail(item["features"][i:i + 8].float())
+                                                    for i in range(0, len(item["features"]), 8)])) for item in items]
+    embed = (lambda x: x) if head == "decoder" else tail
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        net.train()  # the (partly) frozen encoder stays in eval mode
+        index = torch.from_numpy(rng.choice(len(features), batch, replace=False))
+        f = features[index].float()
+        embeddings = embed(f)
+        loss = dice_bce(net.decode(embeddings), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % eval_every == 0 or step == steps:
+            dice = validation_dice(net, items, embed)
+            print(f"{head} step {step}: loss {loss.item():.3f}, val Dice@0.5 {dice[0]:.4f}, best {dice[1]:.4f} "
+                  f"@{dice[2]}, {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire({"cache": cache, "train": train}, serialize=lambda result: None)

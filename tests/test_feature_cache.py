@@ -1,0 +1,156 @@
+"""Training on cached frozen-encoder features: the cache gives what a fresh encoder pass gives, is keyed by the frozen
+weights and the files' bytes, is reused by later epochs and runs; the wall-clock budget stops and resumes training."""
+
+import shutil
+import time
+
+import pytest
+import torch
+from conftest import CONFIGS, SAMPLE_CROPS, bundle_workflow
+from ignite.engine import Engine, Events
+
+from scripts.networks import AllInSamNet
+from scripts.training import AugmentedViewd, FrozenFeaturesd, TrainingBudget, ViewCacheKey, view_datalist
+
+TRAIN = CONFIGS / "train.json"
+
+
+@pytest.fixture(scope="module")
+def cache_workflow(tmp_path_factory):
+    """train.json on the sample crops with 4 views (2 per crop), its feature cache in a temporary folder."""
+    root = tmp_path_factory.mktemp("feature_cache")
+    workflow = bundle_workflow([TRAIN], "train", views=4, ckpt_dir=str(root / "models"), output_dir=str(root / "runs"))
+    return workflow, root / "runs" / "feature_cache"
+
+
+def _fresh_view(workflow, item: dict) -> dict:
+    """The view of ``item`` computed without the cache: the config's load and view transforms, then the encoder."""
+    parser = workflow.parser
+    load = parser.get_parsed_content("load") + parser.get_parsed_content("label_transforms")
+    view = AugmentedViewd(parser.get_parsed_content("train#view_augmentation"), parser.get_parsed_content("seed"))
+    data = dict(item)
+    for transform in load:
+        data = transform(data)
+    return FrozenFeaturesd(parser.get_parsed_content("network"))(view(data))
+
+
+def test_cached_view_is_the_fresh_encoder_pass_and_is_reused(cache_workflow, monkeypatch):
+    workflow, cache_dir = cache_workflow
+    dataset = workflow.parser.get_parsed_content("train#dataset")
+    assert len(dataset) == 4 and {item["view"] for item in dataset.data} == {
+        f"{name}#{k}" for name in {item["image"].rsplit("/", 1)[1] for item in dataset.data} for k in (0, 1)}
+    first = dataset[0]
+    assert first["image"].shape == (4096, 320) and first["image"].dtype == torch.bfloat16  # TinyViT stage-3 input
+    assert first["label"].shape == (1, 256, 256) and 0 < first["label"].sum() < 256 * 256
+    fresh = _fresh_view(workflow, dataset.data[0])
+    assert torch.equal(first["image"], fresh["image"]) and torch.equal(first["label"], fresh["label"])
+    files = sorted(cache_dir.glob("*.pt"))
+    assert len(files) == 1
+
+    def no_encoder(self, data):
+        raise AssertionError("the encoder ran for a cached view")
+
+    monkeypatch.setattr(FrozenFeaturesd, "__call__", no_encoder)
+    again = dataset[0]  # a later epoch: read from disk
+    assert torch.equal(again["image"], first["image"])
+    assert sorted(cache_dir.glob("*.pt")) == files
+    with pytest.raises(RuntimeError) as error:
+        dataset[1]  # another view is not in the cache yet
+    assert "the encoder ran" in str(error.value.__cause__)
+
+
+def test_views_differ_and_repeat(cache_workflow):
+    workflow, _ = cache_workflow
+    items = workflow.parser.get_parsed_content("train#dataset").data
+    first, second = _fresh_view(workflow, items[0]), _fresh_view(workflow, items[1])
+    assert not torch.equal(first["label"], second["label"])  # two views of one crop: other crop, zoom, turn, stain
+    assert torch.equal(_fresh_view(workflow, items[1])["image"], second["image"])
+
+
+def test_cache_key_follows_frozen_weights_and_file_bytes_not_trained_weights(tmp_path, sample_datalist):
+    torch.manual_seed(0)
+    network = AllInSamNet(trainable="tail").eval()
+    entry = sample_datalist["training"][0]
+    image, label = (shutil.copy(SAMPLE_CROPS / entry[key], tmp_path / f"{key}.png") for key in ("image", "label"))
+    item = view_datalist([{"image": image, "label": label}], 1)[0]
+    recipe = {"augmentation": ["flip"], "seed": 0}
+    key = ViewCacheKey(network, recipe)(item)
+    assert ViewCacheKey(network, recipe)(item) == key
+    assert ViewCacheKey(network, dict(recipe, seed=1))(item) != key
+    assert ViewCacheKey(network, recipe)(dict(item, view="image.png#1")) != key
+    with torch.no_grad():  # a trained part changes (a later stage): the cached features stay valid
+        network.sam.mask_decoder.iou_prediction_head.layers[0].weight.add_(1.0)
+        network.sam.image_encoder.layers[-1].blocks[0].mlp.fc1.weight.add_(1.0)
+    assert ViewCacheKey(network, recipe)(item) == key
+    with torch.no_grad():  # a frozen weight changes (another checkpoint): new key
+        network.sam.image_encoder.layers[0].blocks[0].conv1.c.weight.mul_(1.01)
+    changed_weights = ViewCacheKey(network, recipe)(item)
+    assert changed_weights != key
+    data = bytearray((tmp_path / "image.png").read_bytes())
+    data[-20] ^= 0xFF  # one byte of the image file (its CRC breaks too, but only the bytes count here)
+    time.sleep(0.01)
+    (tmp_path / "image.png").write_bytes(bytes(data))
+    assert ViewCacheKey(network, recipe)(item) != changed_weights
+    decoder_only = AllInSamNet(trainable="decoder")
+    assert ViewCacheKey(decoder_only, recipe)(item) != ViewCacheKey(AllInSamNet(trainable="tail"), recipe)(item)
+
+
+def test_only_cacheable_networks_build_a_feature_cache():
+    with pytest.raises(ValueError, match="nothing to cache"):
+        AllInSamNet(trainable="adapter").frozen_features(torch.rand(1, 3, 256, 256))
+
+
+def test_tail_network_gives_the_same_logits_from_cached_features(sample_datalist):
+    torch.manual_seed(0)
+    network = AllInSamNet(trainable="tail").eval()
+    image = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        whole = network(image)
+        reference = network.decode(network.sam.image_encoder(network.sam.preprocess(image * 255)))
+        cached = network.forward_features(network.frozen_features(image).to(torch.bfloat16))
+    torch.testing.assert_close(whole, reference)
+    assert (cached - whole).abs().max() < 0.05 * whole.abs().max()  # bfloat16 storage only
+    trained = {name for name, p in network.named_parameters() if p.requires_grad}
+    assert any(name.startswith("sam.image_encoder.layers.3.") for name in trained)
+    assert not any(name.startswith("sam.image_encoder.layers.2.") for name in trained)
+
+
+def _run(seconds_per_iteration: float, budget: TrainingBudget) -> tuple[Engine, list[float], int]:
+    """Run a dummy engine of 2-iteration epochs under ``budget``: (engine, elapsed budget at each epoch end,
+    iterations run)."""
+    engine = Engine(lambda engine, batch: time.sleep(seconds_per_iteration))
+    budget.attach(engine)
+    at_epoch_end = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: at_epoch_end.append(budget.elapsed))
+    engine.run(range(2), max_epochs=100)
+    return engine, at_epoch_end, engine.state.iteration
+
+
+def test_budget_stops_at_the_first_epoch_end_past_it_and_resumes_with_what_is_left():
+    budget = TrainingBudget(minutes=0.5 / 60, total_steps=1000)  # 0.5 s
+    engine, at_epoch_end, _ = _run(0.1, budget)
+    assert at_epoch_end[-1] >= 0.5 and all(elapsed < 0.5 for elapsed in at_epoch_end[:-1])
+    assert len(at_epoch_end) >= 2 and engine.state.epoch == len(at_epoch_end)
+    resumed = TrainingBudget(minutes=1.0 / 60, total_steps=1000)  # a longer budget, resumed: what is left of 1 s
+    resumed.load_state_dict(budget.state_dict())
+    _, at_epoch_end, _ = _run(0.1, resumed)
+    assert at_epoch_end[0] > budget.elapsed
+    assert at_epoch_end[-1] >= 1.0 and all(elapsed < 1.0 for elapsed in at_epoch_end[:-1])
+    spent = TrainingBudget(minutes=0.5 / 60, total_steps=1000)
+    spent.load_state_dict(budget.state_dict())  # the same budget again: a finished run stays finished
+    _, _, iterations = _run(0.1, spent)
+    assert iterations == 0
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine_to_the_end_factor():
+    steps = TrainingBudget(minutes=None, total_steps=110, warmup_steps=10, end_factor=0.01)
+    factors = [steps.lr_factor(step) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.505)
+    assert factors[110] == pytest.approx(0.01) and all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    timed = TrainingBudget(minutes=1.0, total_steps=1)
+    timed._spent = 30.0  # half the budget spent
+    assert timed.lr_factor(1000) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="budget_minutes must be positive"):
+        TrainingBudget(minutes=0, total_steps=1)
+
