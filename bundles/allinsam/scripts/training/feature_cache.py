@@ -108,8 +108,10 @@ def feature_cache_dataset(entries: Sequence[dict], views: int, network: AllInSam
         entries: datalist entries with ``image`` and label files.
         views: total number of views (spread evenly over the images).
         network: a cacheable ``AllInSamNet`` (``trainable`` ``tail`` or ``decoder``).
-        load: deterministic transforms that read an entry ((3, H, W) image in [0, 1], labels).
-        augmentation: the random transforms that make a view ((3, S, S) image, labels of the same size).
+        load: deterministic transforms that read an entry ((3, H, W) image in [0, 1]) and its label files into one
+            ``label`` (C, H, W) (e.g. a class map split into one channel per class).
+        augmentation: the random transforms that make a view ((3, S, S) image, (C, S, S) label).
+        label_keys: the entry's label files (their bytes are part of the cache key).
         seed: seed of the views' random draws.
     """
     if not network.cacheable:
@@ -119,7 +121,7 @@ def feature_cache_dataset(entries: Sequence[dict], views: int, network: AllInSam
     # only tensors and the view's name are stored: PersistentDataset reads with weights_only=True and silently
     # recomputes a file it cannot read (e.g. one holding CropForegroundd's numpy coordinates)
     transform = Compose(list(load) + [AugmentedViewd(augmentation, seed), FrozenFeaturesd(network),
-                                      SelectItemsd(keys=["image", *label_keys, "view"])])
+                                      SelectItemsd(keys=["image", "label", "view"])])
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return PersistentDataset(items, transform, cache_dir=cache_dir,
                              hash_func=ViewCacheKey(network, recipe, ["image", *label_keys]))
