@@ -32,13 +32,14 @@ TABLE_METRICS = ("detection_f1", "dice", "aji", "pq")
 def run(seeds: str | int | tuple = (0, 1, 2), before_epochs: int = 3, refine_epochs: int = 1,
         mocl_variant: str = "paper", shared_before: bool = False, lay_seed: int = 0, dataset_dir: str = "data/monuseg",
         runs_dir: str = "runs/mocl", batch_size: int = 1, learning_rate: float = 0.0005,
-        refine_learning_rate: float = 0.001, sw_overlap: float = 0.0) -> str:
+        refine_learning_rate: float = 0.001, sw_overlap: float = 0.0, trainable: str = "adapter") -> str:
     """Train before / plain / MOCL per seed and evaluate each (see the module docstring); returns ``runs_dir``.
 
     ``shared_before``: one before-correction model (``<runs_dir>/before``, seed = the first seed) for every seed,
-    so the seeds vary the refinement only (CPU budgets)."""
+    so the seeds vary the refinement only (CPU budgets). ``trainable``: the recipe of every arm (``adapter``, as
+    measured in docs/results/mocl_two_class_cpu; ``tail`` trains on cached views)."""
     seeds = seed_list(seeds)
-    dataset = {"dataset_dir": dataset_dir, "lay_seed": lay_seed, "labels": "lay"}
+    dataset = {"dataset_dir": dataset_dir, "lay_seed": lay_seed, "labels": "lay", "trainable": trainable}
     train_files = [CONFIGS / "train.json", DATASET]
     refine_files = [CONFIGS / "train.json", CONFIGS / "mocl_train.json", DATASET]
     for seed in seeds:

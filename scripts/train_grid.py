@@ -160,7 +160,10 @@ def _read_means(metrics_csv: Path) -> dict[str, float]:
 def _read_timing(metrics_csv: Path) -> dict[str, float]:
     """``train_s`` (whole training command, start-up included) and ``steps`` of a run; NaN where not recorded."""
     timing = metrics_csv.parent.parent / "timing.csv"
-    row = next(csv.DictReader(open(timing))) if timing.is_file() else {}
+    row = {}
+    if timing.is_file():
+        with open(timing) as handle:
+            row = next(csv.DictReader(handle))
     return {key: float(row[key]) if row.get(key) not in (None, "", "None") else float("nan")
             for key in ("train_s", "steps")}
 

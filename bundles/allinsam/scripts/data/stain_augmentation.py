@@ -2,8 +2,8 @@
 no random stain perturbation."""
 
 import numpy as np
-import torch
 from monai.transforms import MapTransform, RandomizableTransform
+from monai.utils import convert_to_dst_type, convert_to_numpy
 from skimage.color import hed2rgb, rgb2hed
 
 
@@ -36,11 +36,8 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
             return d
         for key in self.key_iterator(d):
             image = d[key]
-            hed = rgb2hed(np.moveaxis(np.asarray(image.detach().cpu() if torch.is_tensor(image) else image), 0, -1))
+            hed = rgb2hed(np.moveaxis(convert_to_numpy(image), 0, -1))
             hed = hed * self._scale + self._shift * hed.std(axis=(0, 1))
             jittered = np.moveaxis(np.clip(hed2rgb(hed), 0.0, 1.0), -1, 0).astype(np.float32)
-            if torch.is_tensor(image):
-                d[key] = image.new_tensor(jittered) if not hasattr(image, "meta") else type(image)(jittered, meta=image.meta)
-            else:
-                d[key] = jittered
+            d[key] = convert_to_dst_type(jittered, image)[0]  # same type (MetaTensor and its meta kept), device
         return d

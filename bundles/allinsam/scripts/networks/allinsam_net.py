@@ -87,9 +87,9 @@ class AllInSamNet(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, C, S, S); with ``return_features`` also the decoder's per-pixel embedding E (B, D, S, S)
         (the upscaled image embedding the mask tokens are read from; D = 32 for every SAM here), for MOCL."""
-        self._check_image(image)
         if self.cacheable:
             return self.forward_features(self.frozen_features(image), return_features)
+        self._check_image(image)
         return self._decoded(self.sam.image_encoder(self.sam.preprocess(image * 255.0)), return_features)
 
     def frozen_features(self, image: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 
-def _is_vit(encoder: nn.Module) -> bool:
+def is_vit_encoder(encoder: nn.Module) -> bool:
+    """A segment-anything ``ImageEncoderViT`` (else LiteMedSAM's TinyViT, which has ``layers``)."""
     return hasattr(encoder, "blocks") and hasattr(encoder, "pos_embed")
 
 
@@ -24,14 +25,14 @@ def _vit_tail_start(encoder: nn.Module) -> int:
 
 def tail_modules(encoder: nn.Module) -> list[nn.Module]:
     """The encoder modules trained with ``trainable="tail"``."""
-    if _is_vit(encoder):
+    if is_vit_encoder(encoder):
         return list(encoder.blocks[_vit_tail_start(encoder):]) + [encoder.neck]
     return [encoder.layers[-1], encoder.neck]
 
 
 def encoder_prefix(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """(B, 3, S, S) normalised image -> the tokens entering the tail."""
-    if _is_vit(encoder):
+    if is_vit_encoder(encoder):
         x = encoder.patch_embed(image)
         if encoder.pos_embed is not None:
             x = x + encoder.pos_embed
@@ -46,7 +47,7 @@ def encoder_prefix(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
 
 def encoder_tail(encoder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Tokens from ``encoder_prefix`` -> (B, 256, E, E) image embedding."""
-    if _is_vit(encoder):
+    if is_vit_encoder(encoder):
         for block in encoder.blocks[_vit_tail_start(encoder):]:
             tokens = block(tokens)
         return encoder.neck(tokens.permute(0, 3, 1, 2))

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from .encoder_tail import is_vit_encoder
+
 
 def high_frequency_component(image: torch.Tensor, rate: float = 0.25) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H, W): |IFFT| of the spectrum with its central low-frequency square zeroed.
@@ -124,7 +126,7 @@ class AdaptedTinyViTEncoder(nn.Module):
 
 def adapt_encoder(encoder: nn.Module, freq_rate: float = 0.25, scale_factor: int = 32) -> nn.Module:
     """Wrap a SAM image encoder (segment-anything ViT or LiteMedSAM TinyViT) with SAM-Adapter prompts."""
-    if hasattr(encoder, "blocks") and hasattr(encoder, "pos_embed"):
+    if is_vit_encoder(encoder):
         return AdaptedViTEncoder(encoder, freq_rate, scale_factor)
     if hasattr(encoder, "layers") and hasattr(encoder, "img_size"):
         return AdaptedTinyViTEncoder(encoder, freq_rate, scale_factor)
