@@ -4,12 +4,15 @@ augmented views of the labelled patches, score on the validation images (never t
     python scripts/convergence_probe.py cache --datalist data/monuseg/datalist_0.5pct_seed0.json --views 96
     python scripts/convergence_probe.py train --datalist data/monuseg/datalist_0.5pct_seed0.json --head decoder
     python scripts/convergence_probe.py train --datalist ... --head tail      # last TinyViT stage + neck + decoder
+    python scripts/convergence_probe.py refine --datalist ... --predictions <inference output of the validation split>
 
 ``cache`` runs the frozen encoder once per view up to the input of its last stage (stage 3) and stores it under
 ``work_dirs/probe/<datalist stem>/``: ``views`` augmented views of the training patches (dihedral turn, the
 bundle's H&E jitter, scale 0.8-1.25, reflect padding to 256) and the 256-px windows of the validation images
 (reflect-padded to a multiple of 256, no overlap). ``train`` fits the chosen head on the cached views for
 ``steps`` steps and prints the validation Dice at threshold 0.5 and at the best threshold, every ``eval_every``.
+``refine`` asks whether SAM's box decoder can sharpen a prompt-free prediction: the boxes of its instances prompt the
+pretrained LiteMedSAM (the bundle's annotation workflow), and both masks are scored on the validation images.
 """
 
 import json
@@ -202,5 +205,36 @@ def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, 
                   f"@{dice[2]}, {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def refine(datalist: str, predictions: str, margins: tuple[int, ...] = (0, 2)) -> None:
+    """Validation Dice / AJI of the bundle's masks ``<predictions>/<image>_mask.png``, and of the masks that LiteMedSAM's box
+    decoder draws from the boxes of its instances (components or watershed), each box grown by ``margins`` pixels."""
+    from scripts.annotation import BoxPromptedSegmenter
+    from scripts.data import boxes_from_instances, read_instance_map, relabel_sequential
+    from scripts.metrics import aggregated_jaccard_index, dice_iou, instances_from_mask
+    from scripts.networks import load_sam
+
+    datalist = Path(datalist)
+    segmenter = BoxPromptedSegmenter(load_sam("litemedsam"))
+    rows = []
+    for entry in json.loads(datalist.read_text())["validation"]:
+        name = Path(entry["image"]).stem
+        mask = _label(Path(predictions) / f"{name}_mask.png") > 0
+        truth = read_instance_map(datalist.parent / entry["instances"])
+        scores = {"prompt-free": (dice_iou(mask, truth)[0],
+                                  aggregated_jaccard_index(instances_from_mask(mask, "watershed"), truth))}
+        for method in ("components", "watershed"):
+            boxes = boxes_from_instances(relabel_sequential(instances_from_mask(mask, method))).astype(np.float64)
+            for margin in margins:
+                refined, _ = segmenter(read_rgb_image(datalist.parent / entry["image"]),
+                                       boxes + [-margin, -margin, margin, margin])
+                scores[f"boxes of {method}, +{margin} px"] = (dice_iou(refined, truth)[0],
+                                                              aggregated_jaccard_index(refined, truth))
+        print(name, {key: tuple(round(v, 4) for v in value) for key, value in scores.items()}, flush=True)
+        rows.append(scores)
+    for key in rows[0]:
+        dice, aji = np.mean([row[key] for row in rows], axis=0)
+        print(f"{key}: Dice {dice:.4f}, AJI {aji:.4f}")
+
+
 if __name__ == "__main__":
-    fire.Fire({"cache": cache, "train": train}, serialize=lambda result: None)
+    fire.Fire({"cache": cache, "train": train, "refine": refine}, serialize=lambda result: None)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from scripts.data import instance_contours, read_instance_map, read_rgb_image
 from scripts.metrics import instances_from_mask
 
 TEST_CROP = "TCGA-2Z-A9J9-01A-01-TS1_y300_x300"
+TOKEN = "a-token-for-the-tests"
 TRAINING_CROPS = ["TCGA-21-5784-01Z-00-DX1_y372_x372", "TCGA-38-6178-01Z-00-DX1_y372_x372"]
 
 
@@ -34,6 +36,12 @@ def _free_port() -> int:
 
 def _boxes(name: str) -> list[list[int]]:
     return json.loads((SAMPLE_CROPS / "boxes" / f"{name}.json").read_text())["boxes"]
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _png(response: requests.Response) -> np.ndarray:
@@ -54,13 +62,17 @@ def server(trained_allinsam, tmp_path_factory):
         shutil.copy(image, studies)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {TOKEN}"
     with open(root / "server.log", "w") as log:
         process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve_label.py"), "--studies", str(studies),
-                                    "--bundle_path", str(bundle), "--app_dir", str(app), "--port", str(port)],
+                                    "--bundle_path", str(bundle), "--app_dir", str(app), "--port", str(port),
+                                    "--token", TOKEN, "--max_queue", "1", "--max_wait_s", "60"],
                                    stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_until_serving(process, url, root / "server.log")
-            yield SimpleNamespace(url=url, port=port, bundle=bundle, studies=studies, log=root / "server.log")
+            _wait_until_serving(process, url, http, root / "server.log")
+            yield SimpleNamespace(url=url, port=port, bundle=bundle, studies=studies, root=root, http=http,
+                                  log=root / "server.log")
         finally:
             process.terminate()
             try:
@@ -69,11 +81,12 @@ def server(trained_allinsam, tmp_path_factory):
                 process.kill()
 
 
-def _wait_until_serving(process: subprocess.Popen, url: str, log: Path, timeout_s: float = 300) -> None:
+def _wait_until_serving(process: subprocess.Popen, url: str, http: requests.Session, log: Path,
+                        timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while process.poll() is None and time.monotonic() < deadline:
         try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+            if http.get(f"{url}/info/", timeout=5).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
@@ -84,13 +97,13 @@ def _wait_until_serving(process: subprocess.Popen, url: str, log: Path, timeout_
 
 def test_server_binds_loopback_and_lists_the_models(server):
     assert f"Uvicorn running on http://127.0.0.1:{server.port}" in server.log.read_text()
-    info = requests.get(f"{server.url}/info/", timeout=10).json()
+    info = server.http.get(f"{server.url}/info/", timeout=10).json()
     assert info["models"]["allinsam"]["type"] == "segmentation"
     assert info["models"]["allinsam_box"]["type"] == "annotation"
     assert info["models"]["allinsam"]["labels"] == {"nucleus": 1}
     assert set(info["trainers"]) == {"allinsam"}
     assert info["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
-    assert set(requests.get(f"{server.url}/datastore/?output=all", timeout=10).json()["objects"]) == {
+    assert set(server.http.get(f"{server.url}/datastore/?output=all", timeout=10).json()["objects"]) == {
         path.stem for path in (SAMPLE_CROPS / "images").glob("*.png")}
 
 
@@ -113,14 +126,14 @@ def test_prompt_free_segmentation_is_the_bundle_inference(server, tmp_path):
     low = float(np.quantile(probability.numpy(), 0.9))
     for threshold, mask in ((None, default_mask), (low, bundle_inference(low)[0])):
         options = {} if threshold is None else {"threshold": threshold}
-        answer = requests.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "image"},
+        answer = server.http.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "image"},
                                data={"params": json.dumps(options)}, timeout=120)
         instances = _png(answer)
         assert instances.shape == mask.shape and instances.dtype == np.uint16
         assert np.array_equal(instances, instances_from_mask(mask))  # the bundle's mask, the metrics' instances
     assert 0.05 < (instances > 0).mean() < 0.15 and instances.max() >= 2
 
-    result = requests.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "json"},
+    result = server.http.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "json"},
                            data={"params": json.dumps({"threshold": low})}, timeout=120).json()
     (element,) = result["annotation"]["elements"]
     assert element["label"] == "nucleus"
@@ -130,7 +143,7 @@ def test_prompt_free_segmentation_is_the_bundle_inference(server, tmp_path):
 
 def test_box_annotation_returns_the_sam_mask_of_each_box(server):
     boxes = _boxes(TEST_CROP)
-    answer = requests.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP, "output": "image"},
+    answer = server.http.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP, "output": "image"},
                            data={"params": json.dumps({"boxes": boxes})}, timeout=120)
     instances = _png(answer)
     parser = ConfigParser()
@@ -149,7 +162,7 @@ def test_box_annotation_returns_the_sam_mask_of_each_box(server):
         rows, cols = np.nonzero(instances == nucleus)
         assert rows.min() >= y0 and rows.max() < y1 and cols.min() >= x0 and cols.max() < x1
 
-    result = requests.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP, "output": "json"},
+    result = server.http.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP, "output": "json"},
                            data={"params": json.dumps({"boxes": boxes[:3]})}, timeout=120).json()
     assert result["report"]["boxes_total"] == 3
     assert result["annotation"]["elements"][0]["instance_ids"] == [1, 2, 3]
@@ -163,32 +176,141 @@ def test_box_annotation_returns_the_sam_mask_of_each_box(server):
     (TEST_CROP, {}, 422),
 ])
 def test_a_bad_request_gets_4xx_and_the_server_keeps_serving(server, image, params, status):
-    answer = requests.post(f"{server.url}/infer/allinsam_box", params={"image": image},
+    answer = server.http.post(f"{server.url}/infer/allinsam_box", params={"image": image},
                            data={"params": json.dumps(params)}, timeout=60)
     assert answer.status_code == status, answer.text
     assert answer.json()["detail"]  # says what is wrong
-    again = requests.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP, "output": "image"},
+    again = server.http.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP, "output": "image"},
                           data={"params": json.dumps({"boxes": _boxes(TEST_CROP)[:2]})}, timeout=120)
     assert _png(again).max() == 2
 
 
 def test_labels_saved_through_the_server_train_the_bundle(server):
     for name in TRAINING_CROPS:  # the annotator's flow: boxes -> SAM masks -> saved as final labels
-        answer = requests.post(f"{server.url}/infer/allinsam_box", params={"image": name, "output": "image"},
+        answer = server.http.post(f"{server.url}/infer/allinsam_box", params={"image": name, "output": "image"},
                                data={"params": json.dumps({"boxes": _boxes(name)})}, timeout=120)
-        saved = requests.put(f"{server.url}/datastore/label", params={"image": name, "tag": "final"},
+        saved = server.http.put(f"{server.url}/datastore/label", params={"image": name, "tag": "final"},
                              files={"label": (f"{name}.png", answer.content, "image/png")}, timeout=60)
         assert saved.status_code == 200, saved.text
         assert np.array_equal(np.asarray(Image.open(server.studies / "labels" / "final" / f"{name}.png")),
                               _png(answer))
     model = server.bundle / "models" / "model.pt"
     before = model.stat().st_mtime_ns
-    trained = requests.post(f"{server.url}/train/allinsam", params={"run_sync": "true"}, json={"max_epochs": 1},
+    trained = server.http.post(f"{server.url}/train/allinsam", params={"run_sync": "true"}, json={"max_epochs": 1},
                             timeout=600)
     assert trained.status_code == 200, trained.text
     assert (server.bundle / "models" / "last_checkpoint_epoch=1.pt").is_file()
     assert model.stat().st_mtime_ns > before  # validation every epoch: the best model is written
     log = server.log.read_text()
     assert "Total Records for Training: 2" in log and "train_loss" in log
-    after = requests.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "image"}, timeout=120)
+    after = server.http.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "image"}, timeout=120)
     assert _png(after).shape == (256, 256)  # the server serves the retrained model
+
+
+def _files_outside(root: Path, studies: Path) -> set[Path]:
+    return {path for path in root.rglob("*") if studies not in path.parents and path != studies}
+
+
+def test_every_request_needs_the_token(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        answer = requests.get(f"{server.url}/info/", headers=headers, timeout=10)
+        assert answer.status_code == 401, answer.text
+        answer = requests.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP}, headers=headers,
+                               data={"params": json.dumps({"boxes": [[0, 0, 10, 10]]})}, timeout=10)
+        assert answer.status_code == 401 and answer.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("image", [str(SAMPLE_CROPS / "images" / f"{TEST_CROP}.png"),  # exists, outside the studies
+                                   f"../images/{TEST_CROP}", "/no/such/file.png", "no_such_tile"])
+def test_only_tiles_of_the_studies_folder_are_read(server, image):
+    answer = server.http.post(f"{server.url}/infer/allinsam_box", params={"image": image, "output": "image"},
+                              data={"params": json.dumps({"boxes": [[0, 0, 10, 10]]})}, timeout=60)
+    assert answer.status_code == 404  # the same answer whether the path exists elsewhere or not
+    assert answer.json()["detail"] == f"image {image!r} is not a tile of the studies folder"
+
+
+def test_datastore_writes_stay_inside_the_studies_folder(server):
+    before = _files_outside(server.root, server.studies)
+    tile = (SAMPLE_CROPS / "images" / f"{TEST_CROP}.png").read_bytes()
+    escaped = server.http.put(f"{server.url}/datastore/image", params={"image": "../escaped"},
+                              files={"file": ("escaped.png", tile, "image/png")}, timeout=60)
+    assert escaped.status_code == 422 and "plain name" in escaped.json()["detail"]
+    label = (SAMPLE_CROPS / "instances" / f"{TEST_CROP}.png").read_bytes()
+    for tag in ("../../../escaped", "..", "a/b"):
+        answer = server.http.put(f"{server.url}/datastore/label", params={"image": TEST_CROP, "tag": tag},
+                                 files={"label": (f"{TEST_CROP}.png", label, "image/png")}, timeout=60)
+        assert answer.status_code == 422 and "label tag" in answer.json()["detail"], answer.text
+    assert _files_outside(server.root, server.studies) == before
+    assert not list(server.studies.parent.rglob("escaped*"))
+
+
+def test_unreadable_uploads_are_refused(server):
+    listed = set(server.http.get(f"{server.url}/datastore/?output=all", timeout=10).json()["objects"])
+    for content, name in ((b"", "empty.png"), (b"not an image", "text.png"), (b"\x89PNG", "tile.exe")):
+        answer = server.http.put(f"{server.url}/datastore/image", params={"image": "uploaded"},
+                                 files={"file": (name, content, "image/png")}, timeout=60)
+        assert answer.status_code == 422, answer.text
+    assert set(server.http.get(f"{server.url}/datastore/?output=all", timeout=10).json()["objects"]) == listed
+    assert not list(server.studies.glob("uploaded*"))
+
+    label = read_instance_map(SAMPLE_CROPS / "instances" / f"{TEST_CROP}.png")
+    for content in (b"", _png_bytes(label[:100]), _png_bytes(np.stack([label] * 3, -1).astype(np.uint8))):
+        answer = server.http.put(f"{server.url}/datastore/label", params={"image": TEST_CROP, "tag": "final"},
+                                 files={"label": (f"{TEST_CROP}.png", content, "image/png")}, timeout=60)
+        assert answer.status_code == 422, answer.text
+        assert not (server.studies / "labels" / "final" / f"{TEST_CROP}.png").exists()
+
+    good = server.http.put(f"{server.url}/datastore/image", params={"image": "uploaded"},
+                           files={"file": ("uploaded.png", (SAMPLE_CROPS / "images" / f"{TEST_CROP}.png").read_bytes(),
+                                           "image/png")}, timeout=60)
+    assert good.status_code == 200, good.text
+    answer = server.http.post(f"{server.url}/infer/allinsam_box", params={"image": "uploaded", "output": "image"},
+                              data={"params": json.dumps({"boxes": _boxes(TEST_CROP)[:2]})}, timeout=120)
+    assert _png(answer).max() == 2
+
+
+def test_malformed_params_json_is_refused(server):
+    for url, files, params in ((f"{server.url}/infer/allinsam_box", None, {"image": TEST_CROP}),
+                               (f"{server.url}/datastore/label", {"label": (f"{TEST_CROP}.png", b"", "image/png")},
+                                {"image": TEST_CROP, "tag": "final"})):
+        method = server.http.post if "infer" in url else server.http.put
+        answer = method(url, params=params, data={"params": "{'boxes': [[0, 0, 10, 10]"}, files=files, timeout=60)
+        assert answer.status_code == 422 and "not valid JSON" in answer.json()["detail"], answer.text
+
+
+def test_a_burst_is_served_or_refused_cleanly(server):
+    """Eight requests at once with a queue of one: each answer is the right instance map or a 503 saying why."""
+    def ask(_):
+        return server.http.post(f"{server.url}/infer/allinsam_box", params={"image": TEST_CROP, "output": "image"},
+                                data={"params": json.dumps({"boxes": _boxes(TEST_CROP)[:2]})}, timeout=180)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    served = [answer for answer in answers if answer.status_code == 200]
+    refused = [answer for answer in answers if answer.status_code == 503]
+    assert len(served) + len(refused) == 8 and served and refused
+    first = _png(served[0])
+    assert all(np.array_equal(_png(answer), first) for answer in served) and first.max() == 2
+    assert all("busy" in answer.json()["detail"] and answer.headers["Retry-After"] for answer in refused)
+    assert _png(ask(0)).max() == 2  # still serving
+
+
+@pytest.mark.parametrize("host, token, needs_token", [("127.0.0.1", None, False), ("localhost", None, False),
+                                                      ("::1", None, False), ("0.0.0.0", None, True),
+                                                      ("lab-server.local", None, True), ("127.0.0.1", "given", True)])
+def test_beyond_loopback_the_server_needs_a_token(monkeypatch, host, token, needs_token):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from serve_label import TOKEN_VARIABLE, server_command
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    monkeypatch.delenv(TOKEN_VARIABLE, raising=False)
+    command, environment = server_command(str(SAMPLE_CROPS), str(REPO / "bundles" / "allinsam"),
+                                          str(REPO / "apps" / "allinsam"), host, 8000, token, 4, 120.0, {})
+    assert command[command.index("--host") + 1] == host
+    assert command[command.index("--uvicorn_app") + 1] == "guarded_server:app"
+    assert (TOKEN_VARIABLE in environment) == needs_token
+    if token:
+        assert environment[TOKEN_VARIABLE] == token
+    elif needs_token:
+        assert len(environment[TOKEN_VARIABLE]) >= 32  # a fresh random token

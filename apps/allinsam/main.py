@@ -13,9 +13,9 @@ import logging
 import os
 
 from fastapi import HTTPException
-from lib.infers import AllInSamBoxAnnotation, AllInSamSegmentation, boxes_from_request
+from lib.datastore import ConfinedDatastore
+from lib.infers import AllInSamBoxAnnotation, AllInSamSegmentation, boxes_from_request, bundle_scripts
 from lib.trainers import AllInSamTrainTask
-from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
@@ -37,8 +37,8 @@ class AllInSamApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="allinsam",
                          description=metadata["description"], version=metadata["version"], labels={"nucleus": 1})
 
-    def init_datastore(self) -> LocalDatastore:
-        return LocalDatastore(self.studies, extensions=TILE_EXTENSIONS, auto_reload=True)
+    def init_datastore(self) -> ConfinedDatastore:
+        return ConfinedDatastore(self.studies, bundle_scripts(self.bundle), TILE_EXTENSIONS)
 
     def init_infers(self) -> dict:
         infers = {"allinsam_box": AllInSamBoxAnnotation(self.bundle, self.conf)}
@@ -56,14 +56,23 @@ class AllInSamApp(MONAILabelApp):
     def init_strategies(self) -> dict:
         return {"random": Random(), "first": First()}
 
+    def _check_image_id(self, request: dict) -> None:
+        """Only a tile of the studies folder is read: any other id or path answers the same 404 (whether it exists
+        elsewhere is not told). Upload a tile with ``PUT /datastore/image`` first."""
+        image = request.get("image")
+        if not self.datastore().has_image(image):
+            raise HTTPException(status_code=404, detail=f"image {image!r} is not a tile of the studies folder")
+
+    def infer_wsi(self, request: dict, datastore=None) -> dict:
+        self._check_image_id(request)
+        return super().infer_wsi(request, datastore)
+
     def infer(self, request: dict, datastore=None) -> dict:
         """Bad requests get a 4xx answer naming the problem (MONAI Label's own checks answer 500)."""
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; served: {sorted(self._infers)}")
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image) and not self.datastore().get_image_uri(image):
-            raise HTTPException(status_code=404, detail=f"image {image!r} is not in the studies folder {self.studies}")
+        self._check_image_id(request)
         if isinstance(self._infers[model], AllInSamBoxAnnotation):
             try:
                 boxes_from_request(request)
