@@ -55,8 +55,9 @@ def _patches(datalist: Path) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def augmented_view(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, scale: bool = True,
-                   stain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training view: (3, 256, 256) in [0, 1] and (1, 256, 256) label."""
+                   stain: bool = True, zoom: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training view: (3, 256, 256) in [0, 1] and (1, 256, 256) label, the patch resized by ``zoom`` (times a
+    random 0.8-1.25 with ``scale``)."""
     x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
     if stain:
         jitter = RandHEDJitterd("image")
@@ -64,8 +65,8 @@ def augmented_view(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
         x = jitter({"image": x})["image"]
     x = x[None]
     y = torch.from_numpy(label)[None, None]
-    if scale:
-        factor = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+    factor = zoom * (float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))) if scale else 1.0)
+    if factor != 1.0:
         size = [max(8, round(s * factor)) for s in x.shape[-2:]]
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         y = F.interpolate(y, size=size, mode="nearest")
@@ -95,9 +96,12 @@ def _reflect_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tenso
     return x
 
 
-def _windows(image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(H, W, 3) uint8 -> (N, 3, 256, 256) non-overlapping windows of the reflect-padded image, row-major."""
+def _windows(image: np.ndarray, zoom: float = 1.0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(H, W, 3) uint8 -> (N, 3, 256, 256) non-overlapping windows of the image resized by ``zoom`` and
+    reflect-padded, row-major."""
     x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0
+    if zoom != 1.0:
+        x = F.interpolate(x, scale_factor=zoom, mode="bilinear", align_corners=False)
     h, w = x.shape[-2:]
     rows, cols = math.ceil(h / WINDOW), math.ceil(w / WINDOW)
     x = _reflect_pad(x, (0, cols * WINDOW - w, 0, rows * WINDOW - h))[0]
@@ -106,10 +110,11 @@ def _windows(image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
 
 
 def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = None, scale: bool = True,
-          stain: bool = True, validation: bool = True) -> str:
-    """Encoder features (stage-3 input) of ``views`` augmented training views and of the validation windows."""
+          stain: bool = True, validation: bool = True, zoom: float = 1.0) -> str:
+    """Encoder features (stage-3 input) of ``views`` augmented training views and of the validation windows;
+    ``zoom``: encoder pixels per image pixel (a cache folder of its own, ``<datalist stem>_zoom<zoom>``)."""
     datalist = Path(datalist)
-    out = Path(output or REPO / "work_dirs" / "probe" / datalist.stem)
+    out = Path(output or REPO / "work_dirs" / "probe" / (datalist.stem + (f"_zoom{zoom:g}" if zoom != 1 else "")))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     net = AllInSamNet(trainable="tail").eval()  # frozen_features: the tokens entering TinyViT's last stage
@@ -119,7 +124,7 @@ def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = No
     features, labels = [], []
     with torch.no_grad():
         for index in range(views):
-            image, label = augmented_view(*patches[index % len(patches)], rng, scale=scale, stain=stain)
+            image, label = augmented_view(*patches[index % len(patches)], rng, scale=scale, stain=stain, zoom=zoom)
             features.append(net.frozen_features(image[None]).to(torch.bfloat16))
             labels.append(label)
     tag = f"train_v{views}_s{seed}" + ("" if scale else "_noscale") + ("" if stain else "_nostain")
@@ -131,10 +136,10 @@ def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = No
         with torch.no_grad():
             for entry in content["validation"]:
                 image = read_rgb_image(datalist.parent / entry["image"])
-                windows, grid = _windows(image)
+                windows, grid = _windows(image, zoom)
                 feats = torch.cat([net.frozen_features(w[None]) for w in windows]).to(torch.bfloat16)
                 truth = _label(datalist.parent / entry["label"].replace("weak/", "").replace("_weak", ""))
-                items.append({"name": Path(entry["image"]).stem, "features": feats, "grid": grid,
+                items.append({"name": Path(entry["image"]).stem, "features": feats, "grid": grid, "zoom": zoom,
                               "shape": image.shape[:2], "truth": torch.from_numpy(truth)})
         torch.save(items, out / "validation.pt")
         print(f"validation windows cached in {time.perf_counter() - start:.0f} s")
@@ -150,8 +155,11 @@ def validation_dice(net: AllInSamNet, items: list[dict], embed) -> tuple[float, 
             feats = item["features"]
             logits = torch.cat([net.decode(embed(feats[i:i + 8].float())) for i in range(0, len(feats), 8)])[:, 0]
             rows, cols = item["grid"]
+            zoom, (height, width) = item.get("zoom", 1.0), item["shape"]
             prob = torch.sigmoid(logits).view(rows, cols, WINDOW, WINDOW).permute(0, 2, 1, 3).reshape(
-                rows * WINDOW, cols * WINDOW)[:item["shape"][0], :item["shape"][1]]
+                rows * WINDOW, cols * WINDOW)[:round(height * zoom), :round(width * zoom)]
+            if zoom != 1.0:
+                prob = F.interpolate(prob[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
             truth = item["truth"] > 0
             for col, t in enumerate(THRESHOLDS):
                 mask = prob > t
@@ -162,12 +170,13 @@ def validation_dice(net: AllInSamNet, items: list[dict], embed) -> tuple[float, 
 
 
 def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, steps: int = 600, batch: int = 4,
-          lr: float = 5e-4, eval_every: int = 150, cache_dir: str | None = None, train_file: str | None = None) -> None:
+          lr: float = 5e-4, eval_every: int = 150, cache_dir: str | None = None, train_file: str | None = None,
+          zoom: float = 1.0) -> None:
     """Fit ``head`` (``decoder``: mask decoder + no-mask embedding on frozen embeddings; ``tail``: also TinyViT's
     last stage and neck) on the cached views; print validation Dice. ``train_file``: cached view files,
-    comma-separated (default ``train_v<views>_s0.pt``)."""
+    comma-separated (default ``train_v<views>_s0.pt``); ``zoom``: the cache made with that zoom."""
     datalist = Path(datalist)
-    out = Path(cache_dir or REPO / "work_dirs" / "probe" / datalist.stem)
+    out = Path(cache_dir or REPO / "work_dirs" / "probe" / (datalist.stem + (f"_zoom{zoom:g}" if zoom != 1 else "")))
     files = (train_file.split(",") if isinstance(train_file, str) else list(train_file)) if train_file else [
         f"train_v{views}_s0.pt"]
     parts = [torch.load(out / name) for name in files]

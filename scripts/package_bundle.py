@@ -7,7 +7,9 @@ named after the bundle and fixed timestamps, so two builds of the same tree are 
     python scripts/package_bundle.py /path/to/a/copy/allinsam  # any bundle folder
 
 Checks (offline, nothing downloaded): LICENSE, configs/metadata.json and docs/README.md present; the version in
-the changelog; ``verify_metadata`` against the schema shipped in ``bundles/``; ``verify_net_in_out``; and
+the changelog; ``verify_metadata`` against the schema shipped in ``bundles/``; ``models/model.pt`` loads with
+``weights_only`` into the bundle's network, strictly (anything else, a pickle payload included, is refused);
+``verify_net_in_out``; and
 ``ckpt_export`` to TorchScript (scripting, else tracing at the metadata's input shape, compared with the eager
 network) for bundles with a ``network_def``. A failed check stops before anything is written, except TorchScript,
 which is reported: the zip never carries ``model.ts``.
@@ -87,10 +89,12 @@ def _monai_bundle(bundle: Path, *arguments: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def _last_error_line(process: subprocess.CompletedProcess) -> str:
-    """The exception line of a failed command's traceback (``SomeError: message``)."""
+def _last_error_line(process: subprocess.CompletedProcess, naming: str | None = None) -> str:
+    """The exception line of a failed command's traceback (``SomeError: message``); the last one that contains
+    ``naming`` if any does (the cause, where MONAI's config parser wraps it)."""
     errors = [line for line in process.stderr.splitlines() if ERROR_LINE.match(line)]
-    return errors[-1] if errors else f"exit code {process.returncode}"
+    named = [line for line in errors if naming and naming in line]
+    return (named or errors or [f"exit code {process.returncode}"])[-1]
 
 
 def check_files(bundle: Path, metadata: dict) -> list[tuple[str, str]]:
@@ -107,6 +111,32 @@ def check_metadata(bundle: Path) -> list[tuple[str, str]]:
     if process.returncode:
         raise PackagingError(f"{bundle}/configs/metadata.json: {_last_error_line(process)}")
     return [("verify_metadata", f"valid against {SCHEMA.name}")]
+
+
+def check_weights(bundle: Path) -> list[tuple[str, str]]:
+    """``models/model.pt``, when present, is a state dict of tensors (``weights_only``) that the inference config's
+    ``network_def`` loads strictly; without a ``network_def``, a state dict of tensors."""
+    weights = bundle / WEIGHTS
+    if not weights.is_file():
+        return [("weights", f"no {WEIGHTS}")]
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    # the network first: a bundle may read the checkpoint to build it (allinsam: the recipe), with its own checks
+    load = "network = parser.get_parsed_content('network_def')\n" if "network_def" in inference else ""
+    load += (f"try:\n    state = torch.load({str(weights)!r}, map_location='cpu', weights_only=True)\n"
+             "except Exception as error:\n"
+             "    raise ValueError(f'torch.load(weights_only=True) refuses it ({type(error).__name__})') from None\n"
+             "state = state.get('model', state) if isinstance(state, dict) else state\n"
+             "if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):\n"
+             "    raise ValueError('not a state dict of tensors')\n")
+    if "network_def" in inference:
+        load += "network.load_state_dict(state, strict=True)\n"
+    try:
+        _torch_in_bundle(bundle, load + "print(len(state))", naming=str(weights))
+    except PackagingError as error:
+        raise PackagingError(f"{weights}: not this bundle's network weights: "
+                             f"{str(error).removeprefix(f'{bundle}: ')}") from None
+    how = "into network_def, strict" if "network_def" in inference else "a state dict of tensors"
+    return [("weights", f"{WEIGHTS} loads (weights_only, {how}) + large_files.yml (SHA-256)")]
 
 
 def check_network(bundle: Path, metadata: dict) -> list[tuple[str, str]]:
@@ -145,7 +175,8 @@ def torchscript_export(bundle: Path, metadata: dict, common: list[str]) -> str:
             how = f"torch.jit.trace at (1, {channels}, {size[0]}, {size[1]}) (scripting failed: {_last_error_line(scripted)})"
         report = _torch_in_bundle(bundle, f"""
 network = parser.get_parsed_content('network_def')
-network.load_state_dict(torch.load({str(weights)!r}, map_location='cpu'))
+state = torch.load({str(weights)!r}, map_location='cpu', weights_only=True)
+network.load_state_dict(state.get('model', state))
 network.eval()
 exported = torch.jit.load({str(exported)!r})
 shape = {[int(n) for n in metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]]}
@@ -163,15 +194,16 @@ for batch in (1, 2):
         return f"{how}; {report.strip().rstrip(';')}"
 
 
-def _torch_in_bundle(bundle: Path, code: str) -> str:
-    """Run ``code`` with ``torch`` and ``parser`` (the bundle's inference.json) in a fresh interpreter."""
+def _torch_in_bundle(bundle: Path, code: str, naming: str | None = None) -> str:
+    """Run ``code`` with ``torch`` and ``parser`` (the bundle's inference.json) in a fresh interpreter; a failure
+    reports the error line naming ``naming`` if there is one."""
     prelude = ("import torch\nfrom monai.bundle import ConfigParser\nparser = ConfigParser()\n"
                "parser.read_config('configs/inference.json')\n")
     env = {**os.environ, "PYTHONPATH": str(bundle)}
     process = subprocess.run([sys.executable, "-c", prelude + code], cwd=bundle, env=env, capture_output=True,
                              text=True)
     if process.returncode:
-        raise PackagingError(f"{bundle}: {_last_error_line(process)}")
+        raise PackagingError(f"{bundle}: {_last_error_line(process, naming)}")
     return process.stdout
 
 
@@ -187,10 +219,9 @@ def package(bundle: str = "all", output_dir: str = str(REPO / "dist")) -> list[s
             raise FileNotFoundError(f"{metadata_file}: not found; {bundle!r} is not a bundle")
         metadata = json.loads(metadata_file.read_text())
         print(f"{folder.name} {metadata['version']}: checking", flush=True)
-        checks = check_files(folder, metadata) + check_metadata(folder) + check_network(folder, metadata)
-        has_weights = (folder / WEIGHTS).is_file()
-        extra = {"large_files.yml": large_files_yml(folder)} if has_weights else {}
-        checks.append(("weights", f"{WEIGHTS} + large_files.yml (SHA-256)" if has_weights else f"no {WEIGHTS}"))
+        checks = (check_files(folder, metadata) + check_metadata(folder) + check_weights(folder)
+                  + check_network(folder, metadata))
+        extra = {"large_files.yml": large_files_yml(folder)} if (folder / WEIGHTS).is_file() else {}
         zip_path = Path(output_dir) / f"{folder.name}_v{metadata['version']}.zip"
         write_zip(folder, zip_path, extra)
         for name, result in checks:

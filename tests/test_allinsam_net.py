@@ -131,3 +131,33 @@ def test_verify_net_in_out_with_the_bundle_metadata():
     configs = BUNDLE / "configs"
     verify_net_in_out(net_id="network_def", meta_file=str(configs / "metadata.json"),
                       config_file=str(configs / "inference.json"), device="cpu", n=1)
+
+
+def test_inference_builds_the_recipe_the_checkpoint_was_trained_with(tmp_path):
+    """Weights of the adapter recipe infer without ``--trainable``; a network of the wrong recipe says which one to
+    build instead of listing hundreds of names; files that are not weights are named and refused."""
+    from conftest import CONFIGS, bundle_workflow
+    from scripts.networks import read_network_weights, recipe_of_checkpoint
+
+    torch.manual_seed(0)
+    adapter = AllInSamNet(trainable="adapter")
+    torch.save(adapter.state_dict(), tmp_path / "adapter.pt")
+    torch.save({"model": AllInSamNet(trainable="decoder").state_dict(), "optimizer": {}}, tmp_path / "checkpoint.pt")
+    assert recipe_of_checkpoint(tmp_path / "adapter.pt") == "adapter"
+    assert recipe_of_checkpoint(tmp_path / "checkpoint.pt") == "tail"  # decoder and tail build the same network
+    assert recipe_of_checkpoint(tmp_path / "not_trained_yet.pt") == "tail"
+
+    with pytest.raises(ValueError, match="prompt generators: build the network with --trainable adapter"):
+        AllInSamNet(trainable="tail").load_state_dict(adapter.state_dict())
+    with pytest.raises(ValueError, match="no SAM-Adapter prompt generators: build it with --trainable tail"):
+        AllInSamNet(trainable="adapter").load_state_dict(read_network_weights(tmp_path / "checkpoint.pt"))
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(2048))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'random.pt'}: not a checkpoint of network weights"):
+        recipe_of_checkpoint(tmp_path / "random.pt")
+
+    crop = SAMPLE_CROPS / "images" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300.png"
+    workflow = bundle_workflow([CONFIGS / "inference.json"], "infer", ckpt_path=str(tmp_path / "adapter.pt"),
+                               output_dir=str(tmp_path / "out"), input_glob=str(crop))
+    assert workflow.parser.get_parsed_content("network").trainable == "adapter"
+    workflow.run()
+    assert (tmp_path / "out" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300_mask.png").is_file()

@@ -15,7 +15,7 @@ import pytest
 from conftest import BUNDLE, REPO, SAMPLE_CROPS, copy_bundle
 from PIL import Image
 
-from package_bundle import PackagingError, bundle_members, check_files, package, write_zip
+from package_bundle import PackagingError, bundle_members, check_files, check_weights, package, write_zip
 
 NNUNET = REPO / "bundles" / "nnunet_baseline"
 CROP = SAMPLE_CROPS / "images" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300.png"
@@ -149,3 +149,41 @@ def test_a_bundle_failing_a_check_is_not_packaged(tmp_path):
     with pytest.raises(PackagingError, match="'task' is a required property"):
         package(str(bundle), output_dir=str(tmp_path / "dist"))
     assert not (tmp_path / "dist").exists()
+
+
+class _Payload:
+    """Unpickling it would create ``path``: what a hostile ``model.pt`` does."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_weights_that_are_not_this_network_are_refused(tmp_path, trained_allinsam):
+    import torch
+    from scripts.networks import AllInSamNet
+
+    bundle = _bundle_copy(tmp_path / "bundle")
+    weights = bundle / "models" / "model.pt"
+    marker = tmp_path / "payload_ran"
+    foreign = {
+        "pickle payload": ({"model": _Payload(marker)}, "Python objects other than tensors"),
+        "random bytes": (os.urandom(4096), "empty, corrupt or not a PyTorch checkpoint"),
+        "another network": ({"weight": torch.zeros(3, 3)}, "another backbone or network"),
+    }
+    for name, (content, reason) in foreign.items():
+        if isinstance(content, bytes):
+            weights.write_bytes(content)
+        else:
+            torch.save(content, weights)
+        with pytest.raises(PackagingError, match=reason) as refused:
+            package(str(bundle), output_dir=str(tmp_path / "dist"))
+        assert str(weights) in str(refused.value), name
+    assert not marker.exists() and not (tmp_path / "dist").exists()
+
+    # weights of the paper's adapter recipe are this bundle's network: inference.json builds it from the checkpoint
+    torch.save(AllInSamNet(trainable="adapter").state_dict(), weights)
+    assert check_weights(bundle) == [("weights", "models/model.pt loads (weights_only, into network_def, strict) "
+                                                 "+ large_files.yml (SHA-256)")]

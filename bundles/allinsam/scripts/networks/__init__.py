@@ -1,4 +1,4 @@
-from .allinsam_net import AllInSamNet, FeatureHead
+from .allinsam_net import AllInSamNet, FeatureHead, read_network_weights, recipe_of_checkpoint
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .sam_adapter import AdaptedTinyViTEncoder, AdaptedViTEncoder, PromptGenerator, adapt_encoder, high_frequency_component
 from .sam_backbones import (
@@ -12,6 +12,8 @@ from .sam_backbones import (
 )
 
 __all__ = [
+    "read_network_weights",
+    "recipe_of_checkpoint",
     "LITEMEDSAM_SHA256",
     "AdaptedTinyViTEncoder",
     "AdaptedViTEncoder",

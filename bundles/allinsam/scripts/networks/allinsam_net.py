@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,35 @@ logger = logging.getLogger(__name__)
 TRAINABLE_CHOICES = ("adapter", "tail", "decoder", "full")
 # the trainable parts start after a frozen part of the encoder, whose output can be cached per view
 CACHEABLE_CHOICES = ("tail", "decoder")
+ADAPTER_KEY = ".generators."  # in the parameter names of the SAM-Adapter prompt generators (adapter, full)
+
+
+def read_network_weights(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network's state dict in ``ckpt_path``: a ``model.pt`` (the state dict) or a training checkpoint
+    (``{"model": ..., "optimizer": ...}``), read with ``weights_only``. ValueError naming the file otherwise."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign files; its advice to drop weights_only is unsafe
+        reason = ("it holds Python objects other than tensors; refused, since unpickling them could run code"
+                  if "GLOBAL" in str(error) else
+                  f"the file is empty, corrupt or not a PyTorch checkpoint ({type(error).__name__})")
+        raise ValueError(f"{path}: not a checkpoint of network weights: {reason}") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{path}: not a network state dict (expected names -> tensors)")
+    return state
+
+
+def recipe_of_checkpoint(ckpt_path: str | os.PathLike | None, default: str = "tail") -> str:
+    """The ``trainable`` to build for inference from ``ckpt_path``: ``adapter`` when it holds SAM-Adapter prompt
+    generators (trained with ``adapter`` or ``full``), else ``default`` (``tail`` and ``decoder`` build the same
+    network). ``default`` when there is no file yet (a bundle before training)."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return default
+    return "adapter" if any(ADAPTER_KEY in key for key in read_network_weights(ckpt_path)) else default
 
 
 class AllInSamNet(nn.Module):
@@ -46,7 +76,7 @@ class AllInSamNet(nn.Module):
         tokens = sam.mask_decoder.num_mask_tokens
         if not 1 <= out_channels <= tokens:
             raise ValueError(f"out_channels must be 1..{tokens} (the decoder's mask tokens), got {out_channels}")
-        self.sam, self.trainable, self.out_channels = sam, trainable, out_channels
+        self.sam, self.backbone, self.trainable, self.out_channels = sam, backbone, trainable, out_channels
         self.frozen_encoder = [sam.image_encoder]  # the SAM's own encoder (a list: not registered a second time)
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad = trainable == "full"
@@ -69,6 +99,26 @@ class AllInSamNet(nn.Module):
         """(trainable, total) parameter counts."""
         parameters = list(self.parameters())
         return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; weights of another recipe or backbone fail with a short message saying
+        which (instead of hundreds of missing and unexpected names)."""
+        if strict:
+            own, given = set(self.state_dict()), set(state_dict)
+            if own != given:
+                missing, unexpected = sorted(own - given), sorted(given - own)
+                adapters_given, adapters_here = any(ADAPTER_KEY in k for k in given), any(ADAPTER_KEY in k for k in own)
+                if adapters_given and not adapters_here:
+                    hint = "they hold SAM-Adapter prompt generators: build the network with --trainable adapter"
+                elif adapters_here and not adapters_given:
+                    hint = "they hold no SAM-Adapter prompt generators: build it with --trainable tail"
+                else:
+                    hint = "they are from another backbone or network (--backbone, --sam_checkpoint)"
+                raise ValueError(
+                    f"weights do not fit AllInSamNet(backbone={self.backbone!r}, trainable={self.trainable!r}): "
+                    f"{hint} ({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+                    f"e.g. {unexpected[:2]})")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property
     def cacheable(self) -> bool:
