@@ -125,8 +125,18 @@ def weak_labels(datalist: str, splits: tuple[str, ...] = ("training", "validatio
     return str(weak_path)
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """The bad-input error (FileNotFoundError / ValueError) behind ``error``: MONAI wraps an error raised inside a
+    config expression in a RuntimeError."""
+    while error is not None and not isinstance(error, (FileNotFoundError, ValueError)):
+        error = error.__cause__
+    return error
+
+
 if __name__ == "__main__":
     try:
         fire.Fire({"images": images, "weak_labels": weak_labels}, serialize=lambda result: None)
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"annotate: error: {error}")
+    except Exception as error:
+        if user_error(error) is None:
+            raise
+        sys.exit(f"annotate: error: {user_error(error)}")

@@ -51,6 +51,8 @@ def _entry(name):
     ("truncate_tiff", "truncated, corrupt or not an image"),
     ("missing_label", "file not found"),
     ("smaller_label", "is 256x200 pixels but its 'image'"),
+    ("label_0_255", "holds values [0, 255]; expected 0 (background) and 1 (nucleus) (a 0/255 mask"),
+    ("instance_map_label", "expected 0 (background) and 1 (nucleus)"),
 ])
 def test_a_damaged_file_stops_training_naming_it_before_anything_is_written(dataset, tmp_path, damage, problem):
     entry = _entry(CROP)
@@ -69,6 +71,12 @@ def test_a_damaged_file_stops_training_naming_it_before_anything_is_written(data
         named = tiff
     elif damage == "missing_label":
         label.unlink()
+        named = label
+    elif damage == "label_0_255":
+        Image.fromarray((np.asarray(Image.open(label)) > 0).astype(np.uint8) * 255).save(label)
+        named = label
+    elif damage == "instance_map_label":
+        shutil.copy(dataset / "instances" / f"{CROP}.png", label)
         named = label
     else:
         Image.fromarray(np.asarray(Image.open(label))[:200]).save(label)

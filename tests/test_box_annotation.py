@@ -211,3 +211,50 @@ def test_cli_annotates_images_from_a_csv_of_boxes(tmp_path, sample_datalist):
         assert dice_iou(instances, read_instance_map(SAMPLE_CROPS / entry["instances"]))[0] > DICE_FLOOR
     bad = subprocess.run(command[:4] + [str(tmp_path / "nothing*.png")] + command[5:], capture_output=True, text=True)
     assert bad.returncode == 1 and "no image matches" in bad.stderr
+
+
+def test_many_prompts_are_decoded_in_bounded_batches_up_to_the_16_bit_id_limit(sample_datalist, monkeypatch):
+    from scripts.annotation import box_prompted
+
+    entry = sample_datalist["test"][0]
+    image, boxes = read_rgb_image(SAMPLE_CROPS / entry["image"]), read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
+    segmenter = BoxPromptedSegmenter(load_litemedsam())
+    expected, _ = segmenter(image, boxes)
+    monkeypatch.setattr(box_prompted, "DECODER_BATCH", 3)  # every crop's prompts split over several calls
+    chunked, report = segmenter(image, boxes)
+    assert np.array_equal(chunked, expected) and report["decoder_calls"] > len(boxes) / 3
+
+    # at the edge: 65,532 boxes outside the image, then 3 real ones -> ids 65,533-65,535 (uint16 holds them)
+    edge = np.concatenate([np.tile([[-50.0, -50.0, -40.0, -40.0]], (65532, 1)), boxes[:3]])
+    instances, report = segmenter(image, edge)
+    assert instances.dtype == np.uint16 and report["prompts_used"] == 3
+    assert set(np.unique(instances[instances > 0])) == {65533, 65534, 65535}
+    with pytest.raises(ValueError, match="65536 prompts for one image: at most 65535"):
+        segmenter(image, np.concatenate([edge, boxes[3:4]]))
+
+
+def test_cli_converts_rgba_and_writes_nothing_when_a_later_image_is_bad(tmp_path, sample_datalist):
+    entry = sample_datalist["test"][0]
+    name = entry["image"].split("/")[-1][: -len(".png")]
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(SAMPLE_CROPS / entry["image"]).convert("RGBA").save(images / "a_rgba.png")
+    (images / "b_broken.png").write_bytes((SAMPLE_CROPS / entry["image"]).read_bytes()[:3000])
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for stem in ("a_rgba", "b_broken"):
+        shutil.copy(SAMPLE_CROPS / entry["boxes"], prompts / f"{stem}.json")
+    command = [sys.executable, str(BUNDLE.parents[1] / "scripts" / "annotate.py"), "images", "--images",
+               str(images / "*.png"), "--prompts", str(prompts), "--output_dir", str(tmp_path / "out")]
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1].startswith(f"annotate: error: {images / 'b_broken.png'}: ")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    (images / "b_broken.png").unlink()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a_rgba.png: RGBA image converted to 8-bit RGB" in done.stdout + done.stderr  # the logged note
+    expected, _ = BoxPromptedSegmenter(load_sam("litemedsam"))(read_rgb_image(SAMPLE_CROPS / entry["image"]),
+                                                               read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes)
+    assert np.array_equal(read_instance_map(tmp_path / "out" / "a_rgba_instances.png"), expected), name

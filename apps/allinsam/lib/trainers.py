@@ -31,5 +31,6 @@ class AllInSamTrainTask(BundleTrainTask):
             "val_interval": 1,
             "resume": False,
             "label_transforms": [{"_target_": "AsDiscreted", "keys": "@label_keys", "threshold": 0.5}],
+            "binary_label_keys": [],  # instance maps, binarised by label_transforms
         })
         return overrides

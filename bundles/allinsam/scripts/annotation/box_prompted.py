@@ -18,18 +18,27 @@ import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices
 from tqdm import tqdm
 
-from ..data import write_json_atomic, write_png_atomic
+from ..data import check_entries, write_json_atomic, write_png_atomic
 from ..networks import SamBackbone
-from .prompts import Prompts, read_prompts
+from .prompts import read_prompts
 
 logger = logging.getLogger(__name__)
 NO_MASK_LOGIT = -20.0  # a mask prompt's value where nothing is known
 CROP_GRID = 4  # decoder crops start on multiples of this many tokens, so nearby prompts share a call
+DECODER_BATCH = 64  # prompts per decoder call at most: memory stays bounded however many prompts share a crop
+MAX_PROMPTS = 65535  # instance ids are uint16 (the PNG instance maps); prompt i keeps id i + 1
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``[0, length)``; the last tile ends at ``length``."""
     return [int(start) for (start, _), in dense_patch_slices((length,), (tile,), (stride,), return_slice=False)]
+
+
+def check_prompt_count(count: int) -> None:
+    """ValueError when an image has more prompts than instance ids (``MAX_PROMPTS``)."""
+    if count > MAX_PROMPTS:
+        raise ValueError(f"{count} prompts for one image: at most {MAX_PROMPTS} (instance ids are 16-bit); "
+                         "split the image into tiles")
 
 
 def validate_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, list[dict]]:
@@ -159,8 +168,9 @@ class BoxPromptedSegmenter:
         mask logit (the lower id on ties). The report lists what was used and what was skipped, and why.
         """
         height, width = image.shape[:2]
-        boxes, skipped = validate_boxes(boxes, height, width)
         points = np.empty((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        check_prompt_count(len(np.asarray(boxes).reshape(-1, 4)) + len(points))
+        boxes, skipped = validate_boxes(boxes, height, width)
         inside = np.isfinite(points).all(1) & (points >= 0).all(1) & (points[:, 0] < width) & (points[:, 1] < height)
         skipped += [{"index": len(boxes) + int(j), "point": points[j].tolist(), "reason": "outside the image"}
                     for j in np.flatnonzero(~inside)]
@@ -186,16 +196,18 @@ class BoxPromptedSegmenter:
         instances = np.zeros((height, width), dtype=np.uint16)
         best_logit = np.full((height, width), -np.inf, dtype=np.float32)
         decoder_calls = 0
-        for window_index, (y0, x0) in enumerate(windows):
+        busy_windows = [(index, origin) for index, origin in enumerate(windows) if np.any(home == index)]
+        for window_index, (y0, x0) in tqdm(busy_windows, desc="decode", unit="window", leave=False,
+                                           disable=len(valid) < 1000):
             members = valid[home == window_index]
-            if len(members) == 0:
-                continue
             embeddings = self._encode(image[y0 : y0 + self.window, x0 : x0 + self.window])
             encoder_boxes = (regions[members] - [x0, y0, x0, y0]) * self.scale
             groups: dict[tuple, list[int]] = {}
             for row, (member, box) in enumerate(zip(members, encoder_boxes)):
                 groups.setdefault((bool(decode_as_point[member]), *self._crop_of(box)), []).append(row)
-            for (point_group, *crop), rows in groups.items():
+            batches = [(key, rows[start : start + DECODER_BATCH]) for key, rows in groups.items()
+                       for start in range(0, len(rows), DECODER_BATCH)]
+            for (point_group, *crop), rows in batches:
                 prompt = torch.as_tensor(encoder_boxes[rows], dtype=torch.float32, device=self.device)
                 box_prompt, point_prompt = (None, (prompt[:, :2] + prompt[:, 2:]) / 2) if point_group else (prompt, None)
                 logits = self._decode(embeddings[0], tuple(crop), box_prompt, point_prompt)
@@ -244,15 +256,24 @@ class BoxPromptedSegmenter:
 def annotate_dataset(dataset, segmenter: BoxPromptedSegmenter, output_dir: str, prompt_key: str = "boxes") -> list[dict]:
     """Annotate every item ``{"image": (3, H, W) array, prompt_key: path of a prompt file}`` of ``dataset``.
 
-    Writes per image ``<name>_instances.png`` (uint16 ids), ``<name>_mask.png`` (uint8 0/1) and
+    Every image and prompt file of ``dataset.data`` is read and checked first: a bad one stops the run with its name
+    before any output is written. Writes per image ``<name>_instances.png`` (uint16 ids), ``<name>_mask.png`` (uint8 0/1) and
     ``<name>_annotation.json`` (prompts used / skipped and why, seconds) into ``output_dir``; returns the reports.
     """
     output = Path(output_dir)
+    all_prompts = []
+    for entry in dataset.data:
+        check_entries([entry], ["image"], str(entry["image"]))
+        prompts = read_prompts(entry[prompt_key], image_name=Path(entry["image"]).name)
+        try:
+            check_prompt_count(len(prompts.boxes) + len(prompts.points))
+        except ValueError as error:
+            raise ValueError(f"{entry[prompt_key]}: {error}") from None
+        all_prompts.append(prompts)
     reports = []
-    for item in tqdm(dataset, desc="annotate", unit="image"):
+    for item, prompts in zip(tqdm(dataset, desc="annotate", unit="image"), all_prompts):
         image_path = Path(item["image"].meta["filename_or_obj"])
         start = time.perf_counter()
-        prompts: Prompts = read_prompts(item[prompt_key], image_name=image_path.name)
         image = np.asarray(item["image"]).transpose(1, 2, 0).astype(np.uint8)
         instances, report = segmenter(image, prompts.boxes, prompts.points)
         report.update(image=str(image_path), prompts_file=str(item[prompt_key]),

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from monai.data import load_decathlon_datalist
 from PIL import Image, UnidentifiedImageError
 
@@ -23,8 +24,19 @@ def image_size(path: Path) -> tuple[int, int]:
                          f"({type(error).__name__}: {error})") from error
 
 
-def check_entries(entries: list[dict], keys: list[str], source: str) -> list[dict]:
-    """Every entry has every key, each file exists and decodes, and all files of an entry have one size."""
+def check_binary(path: Path, key: str) -> None:
+    """The mask at ``path`` holds only 0 (background) and 1 (foreground); ValueError naming the file otherwise."""
+    with Image.open(path) as image:
+        values = np.unique(np.asarray(image))
+    if values.size and (values.min() < 0 or values.max() > 1):
+        advice = " (a 0/255 mask: save it divided by 255)" if set(values.tolist()) <= {0, 255} else ""
+        raise ValueError(f"{path}: the {key!r} holds values {values[:6].tolist()}{'...' if values.size > 6 else ''}; "
+                         f"expected 0 (background) and 1 (nucleus){advice}")
+
+
+def check_entries(entries: list[dict], keys: list[str], source: str, binary_keys: tuple[str, ...] = ()) -> list[dict]:
+    """Every entry has every key, each file exists and decodes, all files of an entry have one size, and the files of
+    ``binary_keys`` are 0/1 masks."""
     for index, entry in enumerate(entries):
         sizes = {}
         for key in keys:
@@ -34,6 +46,8 @@ def check_entries(entries: list[dict], keys: list[str], source: str) -> list[dic
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: file not found (the {key!r} of entry {index} in {source})")
             sizes[key] = image_size(path)
+            if key in binary_keys:
+                check_binary(path, key)
         first = keys[0]
         for key, size in sizes.items():
             if size != sizes[first]:
@@ -42,9 +56,10 @@ def check_entries(entries: list[dict], keys: list[str], source: str) -> list[dic
     return entries
 
 
-def checked_datalist(datalist: str | os.PathLike, split: str, keys: list[str]) -> list[dict]:
+def checked_datalist(datalist: str | os.PathLike, split: str, keys: list[str],
+                     binary_keys: tuple[str, ...] = ()) -> list[dict]:
     """MONAI's ``load_decathlon_datalist`` of ``split`` (paths relative to the datalist file), checked with
-    ``check_entries``; an empty split is an error."""
+    ``check_entries`` (``binary_keys``: 0/1 masks); an empty split is an error."""
     path = Path(datalist)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: datalist not found")
@@ -56,7 +71,7 @@ def checked_datalist(datalist: str | os.PathLike, split: str, keys: list[str]) -
         raise ValueError(f"{path}: no usable {split!r} list ({error})") from error
     if not entries:
         raise ValueError(f"{path}: the {split!r} list is empty")
-    return check_entries(entries, keys, str(path))
+    return check_entries(entries, keys, str(path), tuple(binary_keys))
 
 
 def checked_image_glob(pattern: str) -> list[dict]:
