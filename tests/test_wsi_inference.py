@@ -231,3 +231,44 @@ def test_bundle_config_runs_the_trained_network_on_a_slide(trained_allinsam, tmp
     ious = np.array(ious)
     # batched windows (sw_batch_size 4 against 1) may still move a pixel or two across the threshold
     assert len(ious) >= 10 and np.mean(ious > 0.5) >= 0.95, (len(ious), np.round(ious, 2).tolist(), summary)
+
+
+THUMBNAIL_PROBE = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[2])
+from scripts.wsi import Slide, tissue_mask, tissue_tiles
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with Slide(sys.argv[1]) as slide:
+    thumbnail, downsample = slide.thumbnail(-1)
+    tiles, grid = tissue_tiles(tissue_mask(thumbnail), downsample, slide.shape, 1024)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"added_mb": (after - before) / 1024, "shape": thumbnail.shape, "downsample": downsample,
+                  "tiles": tiles, "grid": grid, "top_rows": thumbnail[:100].tolist()}))
+"""
+
+
+def test_a_slide_without_a_pyramid_is_thumbnailed_band_by_band(tmp_path):
+    """A 12000 x 8000 strip TIFF (288 MB of pixels, one level): tissue detection reads it in bands, its peak memory
+    stays far below the level's size, and the thumbnail is level 0 averaged over 6 x 6 blocks."""
+    import subprocess
+    import sys
+
+    height, width = 12000, 8000
+    crop = read_rgb_image(sorted((SAMPLE_CROPS / "images").glob("*.png"))[0])
+    pixels = np.full((height, width, 3), 245, dtype=np.uint8)  # glass
+    pixels[:4096, :6144] = np.tile(crop, (16, 24, 1))  # tissue: the top-left 4 x 6 tiles of 1024
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", rowsperstrip=64)
+    expected_top = pixels[:600, : width // 6 * 6].reshape(100, 6, -1, 6, 3).mean(axis=(1, 3))
+    del pixels
+
+    probe = subprocess.run([sys.executable, "-c", THUMBNAIL_PROBE, str(path), str(BUNDLE)], capture_output=True,
+                           text=True, timeout=600)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [2000, 1334, 3] and result["downsample"] == 6.0
+    assert np.abs(np.asarray(result["top_rows"])[:, : width // 6] - expected_top).max() <= 0.5
+    tiles = set(map(tuple, result["tiles"]))  # the tissue cells, and at most the row / column touching their edge
+    assert {(y, x) for y in range(0, 4096, 1024) for x in range(0, 6144, 1024)} <= tiles
+    assert all(y <= 4096 and x <= 6144 for y, x in tiles) and result["grid"] == 12 * 8
+    assert result["added_mb"] < 100, result["added_mb"]  # the whole level is 288 MB (read whole before: 14.6 GB peak)

@@ -13,6 +13,8 @@ import tifffile
 from monai.data import WSIReader
 
 BACKENDS = ("tifffile", "openslide")
+THUMBNAIL_SIDE = 2048  # a level whose longer side exceeds this is not read whole for a thumbnail
+BAND_ROWS = 512  # level-0 rows read at a time when a thumbnail is made from level 0
 
 
 class Slide:
@@ -52,11 +54,22 @@ class Slide:
     def __exit__(self, *_) -> None:
         self.close()
 
+    def level_shape(self, level: int) -> tuple[int, int]:
+        """(H, W) of a pyramid level (negative counts from the smallest)."""
+        level = level % self.levels
+        if self.backend == "tifffile":
+            return tuple(int(size) for size in self.wsi.series[0].levels[level].shape[:2])
+        return tuple(int(size) for size in self.reader.get_size(self.wsi, level))
+
     def thumbnail(self, level: int = -1) -> tuple[np.ndarray, float]:
         """A whole pyramid level (negative counts from the smallest): (RGB uint8 (h, w, 3), level-0 pixels per
-        pixel of it). Read whole, so pick a small level. With tifffile, read from the first series: MONAI's backend
-        takes page i as level i, which mixes in an SVS's thumbnail / label / macro pages and misses sub-IFDs."""
+        pixel of it). With tifffile, read from the first series: MONAI's backend takes page i as level i, which
+        mixes in an SVS's thumbnail / label / macro pages and misses sub-IFDs. A level with a side above
+        ``THUMBNAIL_SIDE`` (a slide without a pyramid) is not read whole: the thumbnail is averaged from level 0
+        band by band, so memory stays bounded by a band."""
         level = level % self.levels
+        if max(self.level_shape(level)) > THUMBNAIL_SIDE:
+            return self._averaged_thumbnail()
         try:
             if self.backend == "tifffile":
                 image = self.wsi.series[0].levels[level].asarray()[..., :3]
@@ -67,6 +80,23 @@ class Slide:
                              f"({type(error).__name__}: {error})") from error
         image = np.asarray(image, dtype=np.uint8)
         return image, self.shape[0] / image.shape[0]
+
+    def _averaged_thumbnail(self) -> tuple[np.ndarray, float]:
+        """Level 0 averaged over factor x factor blocks (factor: the integer bringing the longer side to at most
+        ``THUMBNAIL_SIDE``), read in bands of about ``BAND_ROWS`` rows; partial edge blocks average what they hold."""
+        height, width = self.shape
+        factor = -(-max(height, width) // THUMBNAIL_SIDE)
+        band = factor * max(1, BAND_ROWS // factor)
+        rows = []
+        for y in range(0, height, band):
+            pixels = self.region(y, 0, min(band, height - y), width).astype(np.float32)
+            pad = ((0, -pixels.shape[0] % factor), (0, -width % factor), (0, 0))
+            counts = np.pad(np.ones(pixels.shape[:2] + (1,), np.float32), pad)
+            pixels = np.pad(pixels, pad)
+            blocks = (pixels.shape[0] // factor, factor, pixels.shape[1] // factor, factor)
+            total = pixels.reshape(*blocks, 3).sum(axis=(1, 3))
+            rows.append(np.rint(total / counts.reshape(*blocks, 1).sum(axis=(1, 3))).astype(np.uint8))
+        return np.concatenate(rows), float(factor)
 
     def region(self, y: int, x: int, height: int, width: int) -> np.ndarray:
         """Level-0 pixels [y, y + height) x [x, x + width), inside the slide, as RGB uint8 (height, width, 3)."""
