@@ -60,6 +60,11 @@ def test_tampered_checkpoint_is_refused_with_its_name(tmp_path):
         load_litemedsam(tampered, expected_sha256=LITEMEDSAM_SHA256)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_litemedsam(tmp_path / "missing.pth")
+    (tmp_path / "random.pth").write_bytes(np.random.default_rng(0).bytes(4096))  # no SHA-256 given: read, refused
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'random.pth'}: not a checkpoint of network weights: "
+                                                   "the file is empty, corrupt")) as refused:
+        load_sam("vit_b", tmp_path / "random.pth")
+    assert "weights_only" not in str(refused.value)  # not torch's advice to load it unsafely
 
 
 def test_workflow_writes_instance_map_mask_and_report(annotated):

@@ -70,12 +70,31 @@ def test_qupath_geojson_polygons_give_bounds_and_points_are_kept(tmp_path):
     ("line.geojson", '{"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}}',
      "unsupported geometry type 'LineString'"),
     ("coco.json", '{"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1}]}', "malformed"),
+    ("no_images.json", '{"annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4]}]}', "needs 'images'"),
+    ("header_only.csv", "image,a,b\n", "expected columns image,x0,y0,x1,y1 (boxes) or image,x,y (points), got "
+                                      "['a', 'b', 'image']"),
+    ("no_type.geojson", '{"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"x": 1}}]}',
+     "feature 0 is not GeoJSON"),
 ])
 def test_malformed_prompt_files_name_the_file_and_the_problem(tmp_path, name, text, problem):
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + re.escape(problem)):
         read_prompts(path)
+
+
+def test_a_feature_without_geometry_is_skipped_with_a_note_and_a_header_only_csv_has_no_prompts(tmp_path, caplog):
+    collection = tmp_path / "qupath.geojson"
+    square = {"type": "Polygon", "coordinates": [[[10, 20], [30, 20], [30, 35], [10, 20]]]}
+    collection.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": None, "properties": {"objectType": "annotation"}},
+        {"type": "Feature", "geometry": square}]}))
+    with caplog.at_level("WARNING"):
+        assert read_prompts(collection).boxes.tolist() == [[10, 20, 30, 35]]
+    assert f"{collection}: 1 feature(s) without a geometry skipped (features [0])" in caplog.text
+    header_only = tmp_path / "boxes.csv"
+    header_only.write_text("image,x0,y0,x1,y1\n")
+    assert read_prompts(header_only, "a.png").boxes.shape == (0, 4)
 
 
 def test_missing_prompt_file_is_named(tmp_path):

@@ -116,3 +116,17 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(traine
     assert re.fullmatch(r"training stopped at epoch 3, iteration 3: the loss is nan\. The last good checkpoint is "
                         + re.escape(str(models / "last_checkpoint_epoch=2.pt")) + "; .*", str(caught.value.__cause__))
     assert {path.name: path.read_bytes() for path in models.iterdir()} == before
+
+
+def test_the_next_run_removes_what_a_kill_mid_write_left(tmp_path):
+    """A SIGKILL while ``torch.save`` writes leaves ignite's temporary file (``tmpXXXXXXXX``); the checkpoint it was
+    to replace is intact. The next run's saver deletes the leftover and nothing else."""
+    import tempfile
+
+    KeepUntilReplacedDiskSaver(tmp_path)({"model": {"w": torch.ones(2)}}, "last_checkpoint_epoch=1.pt")
+    with tempfile.NamedTemporaryFile(delete=False, dir=tmp_path) as partial:  # as ignite's atomic save names it
+        partial.write(pickle.dumps({"w": torch.ones(2)})[:40])
+    (tmp_path / "tmp_notes.txt").write_text("a user's file")
+    KeepUntilReplacedDiskSaver(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last_checkpoint_epoch=1.pt", "tmp_notes.txt"]
+    assert torch.equal(_load(tmp_path / "last_checkpoint_epoch=1.pt")["model"]["w"], torch.ones(2))

@@ -4,11 +4,13 @@ Pixels, end exclusive for boxes. Formats: the project's boxes JSON (``{"boxes": 
 CSV with a header (``image,x0,y0,x1,y1`` for boxes or ``image,x,y`` for points), COCO JSON (``bbox`` is
 ``[x, y, w, h]``), QuPath / GeoJSON (Polygon and MultiPolygon give their bounds, Point and MultiPoint give
 points), Aperio ImageScope / MoNuSeg XML (each Region gives its bounds). Files that cover several images are filtered
-by the image's name (file stem). A malformed file raises ``ValueError`` naming it and the problem.
+by the image's name (file stem). A malformed file raises ``ValueError`` naming it and the problem; a GeoJSON feature
+without a geometry (``null``, as QuPath writes for some objects) is skipped with a logged note.
 """
 
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data import read_xml_polygons
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +41,8 @@ def _from_project_json(content: dict) -> Prompts:
 
 
 def _from_coco(content: dict, image_name: str | None) -> Prompts:
+    if "images" not in content:
+        raise ValueError("a COCO file needs 'images' (ids and file names) beside 'annotations'")
     ids = {image["id"] for image in content["images"] if _same_image(image["file_name"], image_name)}
     if image_name is not None and not ids:
         return Prompts.of()
@@ -45,14 +51,20 @@ def _from_coco(content: dict, image_name: str | None) -> Prompts:
     return Prompts.of(boxes)
 
 
-def _geometries(content) -> list[dict]:
+def _geometries(content) -> list[dict | None]:
+    """The geometry of each feature (None where a feature has none)."""
     features = content if isinstance(content, list) else content.get("features", [content])
-    return [feature.get("geometry", feature) for feature in features]
+    return [feature.get("geometry") if feature.get("type") == "Feature" else feature for feature in features]
 
 
-def _from_geojson(content) -> Prompts:
-    boxes, points = [], []
-    for geometry in _geometries(content):
+def _from_geojson(content, source: Path) -> Prompts:
+    boxes, points, empty = [], [], []
+    for index, geometry in enumerate(_geometries(content)):
+        if geometry is None:
+            empty.append(index)
+            continue
+        if "type" not in geometry or "coordinates" not in geometry:
+            raise ValueError(f"feature {index} is not GeoJSON: no 'type' and 'coordinates' ({str(geometry)[:80]})")
         kind, coordinates = geometry["type"], geometry["coordinates"]
         if kind in ("Polygon", "MultiPolygon"):
             vertices = np.asarray([v for ring in (coordinates if kind == "Polygon" else sum(coordinates, []))
@@ -62,11 +74,13 @@ def _from_geojson(content) -> Prompts:
             points.extend(position[:2] for position in ([coordinates] if kind == "Point" else coordinates))
         else:
             raise ValueError(f"unsupported geometry type {kind!r} (Polygon, MultiPolygon, Point, MultiPoint)")
+    if empty:
+        logger.warning(f"{source}: {len(empty)} feature(s) without a geometry skipped (features {empty[:10]})")
     return Prompts.of(boxes, points)
 
 
-def _from_csv(rows: list[dict], image_name: str | None) -> Prompts:
-    columns = set(rows[0]) if rows else set()
+def _from_csv(table: dict, image_name: str | None) -> Prompts:
+    columns, rows = set(table["columns"]), table["rows"]
     box_columns, point_columns = ["x0", "y0", "x1", "y1"], ["x", "y"]
     if not (set(box_columns) <= columns or set(point_columns) <= columns):
         raise ValueError(f"expected columns image,x0,y0,x1,y1 (boxes) or image,x,y (points), got {sorted(columns)}")
@@ -90,7 +104,9 @@ def _parsed(path: Path, modified_ns: int, size: int):
     every image of a run)."""
     if path.suffix.lower() == ".csv":
         with path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            return {"columns": reader.fieldnames or [], "rows": rows}
     return json.loads(path.read_text())
 
 
@@ -106,11 +122,11 @@ def read_prompts(path, image_name: str | None = None) -> Prompts:
         content = _parsed(path.resolve(), status.st_mtime_ns, status.st_size)
         if path.suffix.lower() == ".csv":
             return _from_csv(content, image_name)
-        if isinstance(content, dict) and "annotations" in content and "images" in content:
+        if isinstance(content, dict) and "annotations" in content:
             return _from_coco(content, image_name)
         if isinstance(content, dict) and ("boxes" in content or "points" in content):
             return _from_project_json(content)
-        return _from_geojson(content)
+        return _from_geojson(content, path)
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError, IndexError,
             AttributeError) as error:
         raise ValueError(f"{path}: malformed prompt file ({error})") from error

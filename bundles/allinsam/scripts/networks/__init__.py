@@ -1,4 +1,4 @@
-from .allinsam_net import AllInSamNet, FeatureHead, read_network_weights, recipe_of_checkpoint
+from .allinsam_net import AllInSamNet, FeatureHead, recipe_of_checkpoint
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .sam_adapter import AdaptedTinyViTEncoder, AdaptedViTEncoder, PromptGenerator, adapt_encoder, high_frequency_component
 from .sam_backbones import (
@@ -8,6 +8,7 @@ from .sam_backbones import (
     fuse_conv_bn_for_inference,
     load_litemedsam,
     load_sam,
+    read_network_weights,
     sha256_of_file,
 )
 

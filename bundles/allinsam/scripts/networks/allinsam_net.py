@@ -10,32 +10,13 @@ from torch import nn
 
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .sam_adapter import adapt_encoder
-from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam
+from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam, read_network_weights
 
 logger = logging.getLogger(__name__)
 TRAINABLE_CHOICES = ("adapter", "tail", "decoder", "full")
 # the trainable parts start after a frozen part of the encoder, whose output can be cached per view
 CACHEABLE_CHOICES = ("tail", "decoder")
 ADAPTER_KEY = ".generators."  # in the parameter names of the SAM-Adapter prompt generators (adapter, full)
-
-
-def read_network_weights(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The network's state dict in ``ckpt_path``: a ``model.pt`` (the state dict) or a training checkpoint
-    (``{"model": ..., "optimizer": ...}``), read with ``weights_only``. ValueError naming the file otherwise."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign files; its advice to drop weights_only is unsafe
-        reason = ("it holds Python objects other than tensors; refused, since unpickling them could run code"
-                  if "GLOBAL" in str(error) else
-                  f"the file is empty, corrupt or not a PyTorch checkpoint ({type(error).__name__})")
-        raise ValueError(f"{path}: not a checkpoint of network weights: {reason}") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ValueError(f"{path}: not a network state dict (expected names -> tensors)")
-    return state
 
 
 def recipe_of_checkpoint(ckpt_path: str | os.PathLike | None, default: str = "tail") -> str:

@@ -70,6 +70,25 @@ def sha256_of_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_network_weights(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network's state dict in ``ckpt_path``: a ``model.pt`` (the state dict) or a training checkpoint
+    (``{"model": ..., "optimizer": ...}``), read with ``weights_only``. ValueError naming the file otherwise."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign files; its advice to drop weights_only is unsafe
+        reason = ("it holds Python objects other than tensors; refused, since unpickling them could run code"
+                  if "GLOBAL" in str(error) else
+                  f"the file is empty, corrupt or not a PyTorch checkpoint ({type(error).__name__})")
+        raise ValueError(f"{path}: not a checkpoint of network weights: {reason}") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ValueError(f"{path}: not a network state dict (expected names -> tensors)")
+    return state
+
+
 def _load_state_dict(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -77,8 +96,7 @@ def _load_state_dict(path: Path, expected_sha256: str | None) -> dict[str, torch
         actual = sha256_of_file(path)
         if actual != expected_sha256:
             raise ValueError(f"{path}: SHA-256 {actual} does not match the expected {expected_sha256}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    return read_network_weights(path)
 
 
 def _load_into(backbone: SamBackbone, path: Path, expected_sha256: str | None) -> SamBackbone:
