@@ -1,8 +1,9 @@
 """Benchmark the SAM-empowered annotation options on MoNuSeg with tight boxes from the ground truth.
 
     python scripts/prepare_monuseg.py --output_dir data/monuseg
-    python scripts/bench_annotate.py --split training --images 4            # tune on training images
-    python scripts/bench_annotate.py --split test --configs reference,default
+    python scripts/bench_annotate.py table --split training --images 4            # tune on training images
+    python scripts/bench_annotate.py table --split test --configs reference,default
+    python scripts/bench_annotate.py prompts --counts 1000,4000,16000     # many prompts: time and peak memory
 
 Per option: pixel Dice and IoU of the pseudo masks against the ground truth, mean per-nucleus IoU (box i is
 made from nucleus i), seconds per image, and the speed ratio against ``reference``, the naive loop (one encoder
@@ -134,5 +135,31 @@ def bench_annotate(
             writer.writerows({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
 
 
+def prompts(counts: tuple[int, ...] = (1000, 4000, 16000), crop: str = "TCGA-2Z-A9J9-01A-01-TS1_y300_x300",
+            jitter: float = 3.0) -> list[dict]:
+    """Throughput and peak memory of the default annotation on one shipped 256x256 crop with many boxes (its real
+    boxes repeated with seeded jitter): one encoder pass, decoder calls of at most ``DECODER_BATCH`` prompts.
+    Counts run in increasing order in one process, so the peak resident memory after each is that run's peak."""
+    import resource
+
+    from scripts.annotation.box_prompted import DECODER_BATCH
+
+    crops = Path(__file__).resolve().parents[1] / "bundles" / "allinsam" / "sample_data" / "monuseg_crops"
+    image = read_rgb_image(crops / "images" / f"{crop}.png")
+    real = read_prompts(crops / "boxes" / f"{crop}.json").boxes
+    segmenter = BoxPromptedSegmenter(fuse_conv_bn_for_inference(load_sam("litemedsam")))
+    rows = []
+    for count in sorted(int(c) for c in (counts if isinstance(counts, (tuple, list)) else [counts])):
+        boxes = perturb_boxes(np.resize(real, (count, 4)), jitter=jitter, seed=count)
+        start = time.perf_counter()
+        instances, report = segmenter(image, boxes)
+        seconds = time.perf_counter() - start
+        rows.append({"prompts": count, "seconds": round(seconds, 1), "prompts_per_s": round(count / seconds, 1),
+                     "decoder_calls": report["decoder_calls"], "decoder_batch": DECODER_BATCH,
+                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 if __name__ == "__main__":
-    fire.Fire(bench_annotate)
+    fire.Fire({"table": bench_annotate, "prompts": prompts}, serialize=lambda result: None)
