@@ -9,7 +9,7 @@ image, the layout both bundles write. Its run (fraction, labels, seed) is read f
 ``<fraction>_<labels>_seed<seed>`` (e.g. ``0.5pct_weak_seed1``). Every folder is scored by
 ``bundles/allinsam/scripts/metrics`` against the datalist's test split; the outputs are
 
-- ``<output>.md`` / ``.csv``: METHOD.md section 6's table (mean ± sd over seeds of each run's mean), with the
+- ``<output>.md`` / ``.csv``: the table of docs/method.md section 6 (mean ± sd over seeds of each run's mean), with the
   paired Wilcoxon signed-rank p-value of each method against ``reference`` on the per-image Dice (and AJI) of the
   same setting (per image: the mean over seeds), and the paper's numbers beside;
 - ``<output>_per_image.csv``: every image's metrics of every run;
@@ -39,7 +39,7 @@ RUN_PATTERN = re.compile(r"^(?P<fraction>all|[0-9.]+pct)_(?P<labels>[A-Za-z]+)_s
 TABLE_COLUMNS = ("dice", "auc", "recall", "precision", "best_f1", "iou", "adj", "aji", "detection_f1")
 TESTED_METRICS = ("dice", "aji")
 FRACTION_PERCENT = {"0.5pct": 0.5, "4pct": 4.0, "all": 100.0}
-# METHOD.md section 6 (P1, MoNuSeg test): Dice per (method, labels, fraction).
+# docs/method.md section 6 (P1, MoNuSeg test): Dice per (method, labels, fraction).
 PAPER_DICE = {
     ("nnunet", "complete"): {"all": 0.8244, "4pct": 0.7920, "0.5pct": 0.7623},
     ("allinsam", "complete"): {"all": 0.8254, "4pct": 0.8134, "0.5pct": 0.7816},

@@ -1,4 +1,4 @@
-"""Plain fine-tuning vs MOCL refinement on the noisy two-class proxy task (P2's experiment; METHOD.md section 4).
+"""Plain fine-tuning vs MOCL refinement on the noisy two-class proxy task (P2's experiment; docs/method.md section 4).
 
     python scripts/simulate_lay_labels.py --dataset_dir data/monuseg --seeds 0 --test_crop_size 512
     python scripts/mocl_experiment.py run --seeds 0,1,2 --shared_before true --before_epochs 6 --refine_epochs 2 --runs_dir runs/mocl_shared

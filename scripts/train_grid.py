@@ -1,5 +1,5 @@
 """Train and evaluate a bundle over label types and seeds: the allinsam bundle (``run``, tabulated by ``table``) or the
-nnunet_baseline bundle (``nnunet``, scored with ``scripts/compare.py``) on the same datalists (METHOD.md sec. 6).
+nnunet_baseline bundle (``nnunet``, scored with ``scripts/compare.py``) on the same datalists (docs/method.md section 6).
 
     python scripts/train_grid.py run --fraction 0.5pct --labels complete,weak --seeds 0,1,2 --epochs 15
     python scripts/train_grid.py table --runs_dir runs/grid_0.5pct --output docs/results/allinsam_0.5pct_cpu

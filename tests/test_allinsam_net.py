@@ -33,7 +33,7 @@ def test_high_frequency_component_removes_the_central_quarter_of_the_spectrum():
 
 
 def test_vit_b_adapter_has_the_papers_parameter_counts():
-    """SAM-Adapter on ViT-B: adapter 63 k, about 4.12 M trainable (METHOD.md section 3); random weights, 64 px."""
+    """SAM-Adapter on ViT-B: adapter 63 k, about 4.12 M trainable (the SAM-Adapter paper); random weights, 64 px."""
     net = AllInSamNet("vit_b", pretrained=False, image_size=64)
     adapter = sum(p.numel() for p in net.sam.image_encoder.generators.parameters())
     assert adapter == 18_456 + 18_456 + 12 * 600 + 19_200  # handcrafted conv, embedding, 12 MLPs, shared MLP

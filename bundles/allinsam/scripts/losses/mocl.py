@@ -1,4 +1,4 @@
-"""MOCL, molecular-oriented corrective learning (P2 section 3.3; METHOD.md section 4): Dice + BCE whose per-pixel
+"""MOCL, molecular-oriented corrective learning (P2 section 3.3; docs/method.md section 4): Dice + BCE whose per-pixel
 weights trust the annotation Y where the model is confident (W) and its decoder features agree with a prototype of
 the annotation (S).
 
