@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 
 # QuPath's default class colours come from the name; fixed ones keep the classes apart in a viewer
-CLASS_COLORS = ((255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 160, 0))
+CLASS_COLOURS = ((255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 160, 0))
 
 
 class GeoJsonDetections:
@@ -18,7 +18,7 @@ class GeoJsonDetections:
     ``detection``, its ``classification`` {name, color} and ``measurements`` {"instance_id": id in the TIFF}."""
 
     def __init__(self, path: str | os.PathLike, classes: list[str]):
-        self.classes = [{"name": name, "color": list(CLASS_COLORS[index % len(CLASS_COLORS)])}
+        self.classes = [{"name": name, "color": list(CLASS_COLOURS[index % len(CLASS_COLOURS)])}
                         for index, name in enumerate(classes)]
         self.handle = open(path, "w")  # noqa: SIM115 - closed by close(), after the tile loop
         self.handle.write('{"type": "FeatureCollection", "features": [')
