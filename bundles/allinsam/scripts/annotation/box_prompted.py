@@ -196,10 +196,11 @@ class BoxPromptedSegmenter:
         instances = np.zeros((height, width), dtype=np.uint16)
         best_logit = np.full((height, width), -np.inf, dtype=np.float32)
         decoder_calls = 0
-        busy_windows = [(index, origin) for index, origin in enumerate(windows) if np.any(home == index)]
-        for window_index, (y0, x0) in tqdm(busy_windows, desc="decode", unit="window", leave=False,
-                                           disable=len(valid) < 1000):
+        progress = tqdm(total=len(valid), desc="decode", unit="prompt", leave=False, disable=len(valid) < 1000)
+        for window_index, (y0, x0) in enumerate(windows):
             members = valid[home == window_index]
+            if len(members) == 0:
+                continue
             embeddings = self._encode(image[y0 : y0 + self.window, x0 : x0 + self.window])
             encoder_boxes = (regions[members] - [x0, y0, x0, y0]) * self.scale
             groups: dict[tuple, list[int]] = {}
@@ -215,6 +216,8 @@ class BoxPromptedSegmenter:
                     logits = (logits + self._decode_flipped(embeddings[1], tuple(crop), box_prompt, point_prompt)) / 2
                 decoder_calls += 1 + self.flip
                 self._paste(logits, tuple(crop), (y0, x0), members[rows], clip_regions, instances, best_logit)
+                progress.update(len(rows))
+        progress.close()
 
         found = set(np.unique(instances[instances > 0]).astype(int) - 1)
         empty = [int(i) for i in valid if i not in found]
