@@ -198,6 +198,7 @@ def test_weak_labels_replace_training_labels_and_keep_the_test_truth(tmp_path, s
         assert dice_iou(pseudo, read_instance_map(SAMPLE_CROPS / original["instances"]))[0] > DICE_FLOOR - 0.05
 
 
+@pytest.mark.slow
 def test_cli_annotates_images_from_a_csv_of_boxes(tmp_path, sample_datalist):
     rows = ["image,x0,y0,x1,y1"]
     for entry in sample_datalist["test"]:
@@ -238,6 +239,7 @@ def test_many_prompts_are_decoded_in_bounded_batches_up_to_the_16_bit_id_limit(s
         segmenter(image, np.concatenate([edge, boxes[3:4]]))
 
 
+@pytest.mark.slow
 def test_cli_converts_rgba_and_writes_nothing_when_a_later_image_is_bad(tmp_path, sample_datalist):
     entry = sample_datalist["test"][0]
     name = entry["image"].split("/")[-1][: -len(".png")]

@@ -87,6 +87,7 @@ def test_inference_writes_probability_and_mask_named_after_the_input(trained_all
         assert np.array_equal(mask == 1, expected >= 0.5)
 
 
+@pytest.mark.slow
 def test_monuseg_dataset_config_swaps_in_by_merging(prepared_monuseg):
     output, _ = prepared_monuseg
     for labels, suffix in (("complete", "datalist_0.5pct_seed0.json"), ("weak", "datalist_0.5pct_seed0_weak.json")):

@@ -171,6 +171,7 @@ def _test_crop_dice(network: AllInSamNet, sample_datalist: dict) -> float:
     return float(np.mean(dices))
 
 
+@pytest.mark.slow
 def test_a_short_cached_run_learns_the_sample_crops(tmp_path, sample_datalist):
     """The quickstart's recipe with a step count instead of a budget: 32 views of the 2 training crops, 6 epochs of
     8 steps. It segments the 2 test crops far better than the pretrained network before training and a random-weight

@@ -208,6 +208,7 @@ def test_simulation_writes_clean_and_lay_datalists(two_class_crops):
     assert report["miss_rate"] == 0.3 and report["median_training_area_px"] > 20
 
 
+@pytest.mark.slow
 def test_two_class_training_mocl_refinement_and_per_class_evaluation(two_class_crops, tmp_path):
     dataset = [str(CONFIGS / "datasets" / "monuseg_two_class.json")]
     common = dict(dataset_dir=str(two_class_crops), logging_file=str(CONFIGS / "logging.conf"))

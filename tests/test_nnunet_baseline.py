@@ -80,6 +80,7 @@ def _bundle(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_tiny_cpu_training_resume_and_prediction(tmp_path):
     datalist = SAMPLE_CROPS / "datalist.json"
     common = ["--work_dir", str(tmp_path / "work"), "--device", "$torch.device('cpu')"]

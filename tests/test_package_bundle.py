@@ -17,6 +17,8 @@ from PIL import Image
 
 from package_bundle import PackagingError, bundle_members, check_files, check_weights, package, write_zip
 
+pytestmark = pytest.mark.slow  # packaging runs the model-zoo checks in subprocesses
+
 NNUNET = REPO / "bundles" / "nnunet_baseline"
 CROP = SAMPLE_CROPS / "images" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300.png"
 

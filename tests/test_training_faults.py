@@ -31,6 +31,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable, steps_per_epoch, into_epoch_s", [("tail", VIEWS, 1.0), ("adapter", 2, 4.0)])
 def test_sigkill_mid_epoch_then_the_same_command_resumes(tmp_path, trainable, steps_per_epoch, into_epoch_s):
     """Both recipes: cached features (a step takes about 0.5 s) and the adapter (about 5-8 s)."""

@@ -185,6 +185,7 @@ def test_missing_checkpoint_or_slides_are_named(mosaic_slide, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_bundle_config_runs_the_trained_network_on_a_slide(trained_allinsam, tmp_path):
     _, models = trained_allinsam
     crops = [read_rgb_image(path) for path in sorted((SAMPLE_CROPS / "images").glob("*.png"))]
