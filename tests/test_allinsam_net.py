@@ -161,3 +161,25 @@ def test_inference_builds_the_recipe_the_checkpoint_was_trained_with(tmp_path):
     assert workflow.parser.get_parsed_content("network").trainable == "adapter"
     workflow.run()
     assert (tmp_path / "out" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300_mask.png").is_file()
+
+
+def test_bfloat16_inference_stays_close_to_float32(trained_allinsam, crops):
+    """On the 6 MoNuSeg validation images (weak 0.5 % model) bfloat16 inference measured Dice 0.5835 vs 0.5846,
+    mean |probability difference| 0.0044, masks agreeing on >= 99.2 % of pixels, 2.8x faster (36 vs 100 s). Here:
+    the trained test model on the real crops, masks at the float32 median so that both classes are present."""
+    from scripts.networks import read_network_weights
+
+    weights = read_network_weights(trained_allinsam[1] / "model.pt")
+    probabilities = {}
+    for precision in ("float32", "bfloat16"):
+        network = AllInSamNet(trainable="tail", inference_precision=precision)
+        network.load_state_dict(weights)
+        with torch.no_grad():
+            probabilities[precision] = torch.sigmoid(network.eval()(crops))
+    full, half = probabilities["float32"], probabilities["bfloat16"]
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert (full - half).abs().mean() < 0.01
+    threshold = full.median()
+    assert ((full >= threshold) == (half >= threshold)).float().mean() > 0.97
+    with pytest.raises(ValueError, match="inference_precision must be one of"):
+        AllInSamNet(inference_precision="float16")

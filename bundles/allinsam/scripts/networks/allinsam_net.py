@@ -14,6 +14,7 @@ from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam
 
 logger = logging.getLogger(__name__)
 TRAINABLE_CHOICES = ("adapter", "tail", "decoder", "full")
+PRECISION_CHOICES = ("float32", "bfloat16")
 # the trainable parts start after a frozen part of the encoder, whose output can be cached per view
 CACHEABLE_CHOICES = ("tail", "decoder")
 ADAPTER_KEY = ".generators."  # in the parameter names of the SAM-Adapter prompt generators (adapter, full)
@@ -45,14 +46,20 @@ class AllInSamNet(nn.Module):
         out_channels: C, one binary mask per class, read from the decoder's first C mask tokens (at most 4).
         freq_rate: share of the spectrum's area removed as low frequencies for the handcrafted feature.
         scale_factor: adapter width = encoder width // scale_factor.
+        inference_precision: ``float32``, or ``bfloat16``: in eval mode the forward pass runs under bfloat16
+            autocast (about 2x faster on a CPU with AVX-512 BF16); logits come back as float32. Training is float32.
     """
 
     def __init__(self, backbone: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
                  pretrained: bool = True, image_size: int = 1024, trainable: str = "adapter", out_channels: int = 1,
-                 freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None):
+                 freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None,
+                 inference_precision: str = "float32"):
         super().__init__()
         if trainable not in TRAINABLE_CHOICES:
             raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {trainable!r}")
+        if inference_precision not in PRECISION_CHOICES:
+            raise ValueError(f"inference_precision must be one of {PRECISION_CHOICES}, got {inference_precision!r}")
+        self.inference_precision = inference_precision
         sam = _build_backbone(backbone, checkpoint, pretrained, image_size, checkpoint_sha256)
         tokens = sam.mask_decoder.num_mask_tokens
         if not 1 <= out_channels <= tokens:
@@ -118,6 +125,13 @@ class AllInSamNet(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, C, S, S); with ``return_features`` also the decoder's per-pixel embedding E (B, D, S, S)
         (the upscaled image embedding the mask tokens are read from; D = 32 for every SAM here), for MOCL."""
+        if self.training or self.inference_precision == "float32":
+            return self._forward(image, return_features)
+        with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16):
+            output = self._forward(image, return_features)
+        return tuple(part.float() for part in output) if return_features else output.float()
+
+    def _forward(self, image: torch.Tensor, return_features: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.cacheable:
             return self.forward_features(self.frozen_features(image), return_features)
         self._check_image(image)
