@@ -19,7 +19,8 @@ import fire
 import numpy as np
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "allinsam"
-sys.path.insert(0, str(BUNDLE))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
+
 from scripts.annotation import perturb_boxes, read_prompts  # noqa: E402  (the bundle's package)
 from scripts.data import (  # noqa: E402
     read_instance_map,
@@ -53,7 +54,8 @@ def _prompt_file_for(image: Path, prompts: Path) -> Path:
     candidates = [prompts / f"{image.stem}{suffix}" for suffix in PROMPT_SUFFIXES]
     found = [path for path in candidates if path.is_file()]
     if not found:
-        raise FileNotFoundError(f"{prompts}: no prompt file for {image.name} (looked for {[p.name for p in candidates]})")
+        raise FileNotFoundError(f"{prompts}: no prompt file for {image.name} "
+                                f"(looked for {[p.name for p in candidates]})")
     return found[0]
 
 
@@ -66,7 +68,8 @@ def images(images: str, prompts: str, output_dir: str, backbone: str = "litemeds
     data = [{"image": str(path), "boxes": str(_prompt_file_for(path, Path(prompts)))} for path in paths]
     reports = run_annotate_workflow(data, output_dir, backbone, checkpoint, **segmenter_options)
     print(f"{len(reports)} images annotated into {output_dir}: "
-          f"{sum(r['prompts_used'] for r in reports)} masks, {sum(len(r['prompts_skipped']) for r in reports)} prompts skipped")
+          f"{sum(r['prompts_used'] for r in reports)} masks, "
+          f"{sum(len(r['prompts_skipped']) for r in reports)} prompts skipped")
 
 
 def weak_labels(datalist: str, splits: tuple[str, ...] = ("training", "validation"), jitter: float = 0.0,
@@ -92,13 +95,15 @@ def weak_labels(datalist: str, splits: tuple[str, ...] = ("training", "validatio
             name = Path(entry["image"]).stem
             boxes = read_prompts(base / entry["boxes"]).boxes
             boxes = perturb_boxes(boxes, jitter=jitter, loosen=loosen, seed=seed)
-            write_json_atomic(output / "prompts" / f"{name}.json", {"image": Path(entry["image"]).name, "boxes": boxes.tolist()})
+            write_json_atomic(output / "prompts" / f"{name}.json",
+                              {"image": Path(entry["image"]).name, "boxes": boxes.tolist()})
             data.append({"image": str(base / entry["image"]), "boxes": str(output / "prompts" / f"{name}.json")})
             truths[name] = base / entry["label"]
     run_annotate_workflow(data, output / "sam_output", backbone, checkpoint, **segmenter_options)
 
     weak = dict(content, labels="weak", weak_options={"source_datalist": datalist_path.name, "jitter": jitter,
-                                                      "loosen": loosen, "seed": seed, "backbone": backbone, **segmenter_options})
+                                                      "loosen": loosen, "seed": seed, "backbone": backbone,
+                                                      **segmenter_options})
     dices = []
     for split in splits:
         weak[split] = []

@@ -15,17 +15,16 @@ beat. Writes the table as Markdown and CSV next to ``--output``.
 import csv
 import inspect
 import json
-import sys
 import time
 from pathlib import Path
 
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 import fire
 import numpy as np
 import torch
 from skimage.draw import ellipse
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "allinsam"))
 from scripts.annotation import BoxPromptedSegmenter, perturb_boxes, read_prompts  # noqa: E402  (the bundle's package)
 from scripts.data import read_instance_map, read_rgb_image  # noqa: E402
 from scripts.metrics import dice_iou, paired_instance_iou  # noqa: E402
@@ -33,7 +32,8 @@ from scripts.networks import fuse_conv_bn_for_inference, load_sam  # noqa: E402
 
 REFERENCE = dict(zoom=1.0, decoder_context=None, threshold=0.0, clip_margin=None)
 DEFAULT = {}  # BoxPromptedSegmenter's defaults
-SHOWN_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(BoxPromptedSegmenter).parameters.items()
+SHOWN_DEFAULTS = {name: parameter.default
+                  for name, parameter in inspect.signature(BoxPromptedSegmenter).parameters.items()
                   if name in ("zoom", "decoder_context", "threshold", "clip_margin")}
 CONFIGS = {
     "ellipse": None,  # no network: the ellipse inscribed in each box
@@ -95,7 +95,8 @@ def bench_annotate(
     for entry in entries:
         paths = {key: Path(prepared_dir) / value for key, value in entry.items()}
         boxes = perturb_boxes(read_prompts(paths["boxes"]).boxes, jitter=jitter, seed=seed)
-        cases.append((paths["image"].stem, read_rgb_image(paths["image"]), boxes, read_instance_map(paths["instances"])))
+        cases.append((paths["image"].stem, read_rgb_image(paths["image"]), boxes,
+                      read_instance_map(paths["instances"])))
 
     rows = []
     for name in configs:
@@ -110,11 +111,14 @@ def bench_annotate(
             seconds = time.perf_counter() - start
             scores.append((*dice_iou(instances, truth), paired_instance_iou(instances, truth).mean(), seconds))
         dice, iou, nucleus_iou, seconds = np.mean(scores, axis=0)
-        rows.append({"config": name, "dice": dice, "iou": iou, "nucleus_iou": nucleus_iou, "seconds_per_image": seconds})
-        print(f"{name:<16} Dice {dice:.4f}  IoU {iou:.4f}  nucleus IoU {nucleus_iou:.4f}  {seconds:6.1f} s/image", flush=True)
+        rows.append({"config": name, "dice": dice, "iou": iou, "nucleus_iou": nucleus_iou,
+                     "seconds_per_image": seconds})
+        print(f"{name:<16} Dice {dice:.4f}  IoU {iou:.4f}  nucleus IoU {nucleus_iou:.4f}  {seconds:6.1f} s/image",
+              flush=True)
 
     reference_seconds = next((r["seconds_per_image"] for r in rows if r["config"] == "reference"), None)
-    header = (f"MoNuSeg {split}, {len(cases)} images ({', '.join(c[0] for c in cases)}), boxes: ground-truth tight, jitter {jitter} px (seed {seed}), "
+    header = (f"MoNuSeg {split}, {len(cases)} images ({', '.join(c[0] for c in cases)}), "
+              f"boxes: ground-truth tight, jitter {jitter} px (seed {seed}), "
               f"backbone {backbone}, {torch.get_num_threads()} CPU threads")
     table = [f"{header}\n", "| config | options | Dice | IoU | nucleus IoU | s / image | speed vs reference |",
              "|---|---|---|---|---|---|---|"]
@@ -122,7 +126,8 @@ def bench_annotate(
         has_network = CONFIGS[row["config"]] is not None
         ratio = f"{reference_seconds / row['seconds_per_image']:.2f}x" if reference_seconds and has_network else "-"
         options = CONFIGS[row["config"]]
-        options = "no network" if options is None else ", ".join(f"{k}={v}" for k, v in {**SHOWN_DEFAULTS, **options}.items())
+        options = ("no network" if options is None
+                   else ", ".join(f"{k}={v}" for k, v in {**SHOWN_DEFAULTS, **options}.items()))
         table.append(f"| {row['config']} | {options} | {row['dice']:.4f} | {row['iou']:.4f} | {row['nucleus_iou']:.4f} "
                      f"| {row['seconds_per_image']:.1f} | {ratio} |")
     print("\n" + "\n".join(table))

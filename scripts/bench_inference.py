@@ -7,7 +7,6 @@ Prints seconds per 1000x1000 image for each sliding-window overlap (the first im
 one is given), with reading, inference, post-processing and writing the PNGs included. Run it alone.
 """
 
-import sys
 import tempfile
 import time
 from glob import glob
@@ -18,7 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "allinsam"
-sys.path.insert(0, str(BUNDLE))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
 
 def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25), sw_batch_size: int = 1) -> dict:

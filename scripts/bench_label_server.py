@@ -95,7 +95,8 @@ def bench(requests_total: int = 20, concurrency: int = 20, max_queue: int = 4, m
         finally:
             server.terminate()
             server.wait(timeout=60)
-    counts = {kind: sum(outcome == kind for outcome, _ in outcomes) for kind in ("correct", "refused", "wrong", "error")}
+    counts = {kind: sum(outcome == kind for outcome, _ in outcomes)
+              for kind in ("correct", "refused", "wrong", "error")}
     figures = {
         "requests": requests_total, "concurrency": concurrency, "max_queue": max_queue, "max_wait_s": max_wait_s,
         "boxes_per_request": boxes, "tile": "256x256 sample crops", "burst_s": round(burst_s, 1),

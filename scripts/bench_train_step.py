@@ -10,7 +10,6 @@ two torch jobs on two cores slow each other down.
 """
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,15 +19,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "allinsam"
-sys.path.insert(0, str(BUNDLE))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
 
 def _train_workflow(ckpt_dir: str, epochs: int, trainable: str):
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train",
-                              epochs=epochs, val_interval=epochs + 1, batch_size=1, trainable=trainable, ckpt_dir=ckpt_dir,
-                              output_dir=ckpt_dir, resume=False)
+                              epochs=epochs, val_interval=epochs + 1, batch_size=1, trainable=trainable,
+                              ckpt_dir=ckpt_dir, output_dir=ckpt_dir, resume=False)
     workflow.initialize()
     return workflow
 
@@ -49,7 +48,8 @@ def main(steps: int = 12, warmup: int = 2, threads: int | None = None, trainable
 
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
         trainer.add_event_handler(Events.ITERATION_STARTED,
-                                  lambda engine: stamps.append(time.perf_counter()) if engine.state.iteration == 1 else None)
+                                  lambda engine: (stamps.append(time.perf_counter())
+                                                  if engine.state.iteration == 1 else None))
         workflow.run()
         bundle_steps = [b - a for a, b in zip(stamps[:-1], stamps[1:])][warmup:]
 

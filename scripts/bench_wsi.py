@@ -16,7 +16,6 @@ import json
 import math
 import multiprocessing
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "allinsam"
-sys.path.insert(0, str(BUNDLE))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
 
 def write_pyramid(path: str | Path, pixels: Callable[[int, int, int, int], np.ndarray], shape: tuple[int, int],

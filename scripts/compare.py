@@ -22,7 +22,6 @@ import csv
 import glob
 import os
 import re
-import sys
 from pathlib import Path
 
 import fire
@@ -32,7 +31,8 @@ from scipy.stats import wilcoxon
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
+
 from scripts.metrics import METRIC_NAMES, nuclei_metrics  # noqa: E402  (the allinsam bundle's package)
 
 RUN_PATTERN = re.compile(r"^(?P<fraction>all|[0-9.]+pct)_(?P<labels>[A-Za-z]+)_seed(?P<seed>[0-9]+)$")
@@ -70,7 +70,8 @@ def _test_cases(datalist: str) -> dict[str, tuple[str, str]]:
     """Test image name -> (image path, truth instance map (or mask) path), from the datalist's ``test`` split."""
     from monai.data import load_decathlon_datalist
 
-    entries = load_decathlon_datalist(datalist, data_list_key="test", base_dir=os.path.dirname(os.path.abspath(datalist)))
+    entries = load_decathlon_datalist(datalist, data_list_key="test",
+                                      base_dir=os.path.dirname(os.path.abspath(datalist)))
     return {Path(entry["image"]).stem: (entry["image"], entry.get("instances", entry["label"])) for entry in entries}
 
 
@@ -158,7 +159,7 @@ def table(runs: str | dict, datalist: str = "data/monuseg/datalist_all.json", ou
     for fraction, labels in settings:
         per_image = {}
         for method in methods:
-            seeds = sorted(seed for m, f, l, seed in scores if (m, f, l) == (method, fraction, labels))
+            seeds = sorted(seed for m, f, label, seed in scores if (m, f, label) == (method, fraction, labels))
             if not seeds:
                 continue
             runs_of = [scores[(method, fraction, labels, seed)][1] for seed in seeds]
@@ -249,8 +250,8 @@ def _plot_dice(summary: dict, path: Path, hardware: str) -> None:
     lines = sorted({(method, labels) for method, labels, _ in summary})
     for index, (method, labels) in enumerate(lines):
         colour = f"C{index}"
-        points = sorted((FRACTION_PERCENT[f], *summary[(method, labels, f)]) for m, l, f in summary
-                        if (m, l) == (method, labels) and f in FRACTION_PERCENT)
+        points = sorted((FRACTION_PERCENT[f], *summary[(method, labels, f)]) for m, label, f in summary
+                        if (m, label) == (method, labels) and f in FRACTION_PERCENT)
         x, mean, sd = (np.array(v) for v in zip(*points))
         axis.errorbar(x, mean, yerr=sd, marker="o", capsize=3, color=colour, label=f"{method}, {labels} (here)")
         paper = PAPER_DICE.get((method, labels), {})
@@ -288,9 +289,9 @@ def _plot_panel(folders: dict, name: str, truths: dict, cases: dict, datalist: s
     if name not in truths:
         raise ValueError(f"panel_image {name!r} is not a test image of {datalist}")
     image = _read_png(Path(cases[name][0]))
-    panels = [("image", image)] + [(f"{m}, {l}, {f}", outcome_map(_read_png(Path(folder) / f"{name}_mask.png"),
-                                                                  truths[name]))
-                                   for (m, l, f), folder in sorted(folders.items())]
+    panels = [("image", image)] + [(f"{m}, {label}, {f}", outcome_map(_read_png(Path(folder) / f"{name}_mask.png"),
+                                                                      truths[name]))
+                                   for (m, label, f), folder in sorted(folders.items())]
     columns = len(panels) if len(panels) <= 5 else 4
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows + 0.4), dpi=120, squeeze=False)

@@ -17,7 +17,6 @@ pretrained LiteMedSAM (the bundle's annotation workflow), and both masks are sco
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
+
 from scripts.data import RandHEDJitterd, read_rgb_image  # noqa: E402
 from scripts.losses import dice_bce  # noqa: E402
 from scripts.networks import AllInSamNet, encoder_tail  # noqa: E402
@@ -54,10 +54,30 @@ def _patches(datalist: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def strong_augmentation(seed: int):
+    """nnU-Net's kinds of augmentation on a view (any-angle turn, blur, noise, contrast, brightness), from MONAI."""
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandRotated,
+        RandScaleIntensityd,
+    )
+    return Compose([
+        RandRotated(["image", "label"], range_x=math.pi, prob=0.7, padding_mode="reflection",
+                    mode=["bilinear", "nearest"]),
+        RandGaussianSmoothd("image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), prob=0.2),
+        RandGaussianNoised("image", std=0.03, prob=0.2),
+        RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.3),
+        RandScaleIntensityd("image", factors=0.15, prob=0.3),
+    ]).set_random_state(seed=seed)
+
+
 def augmented_view(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, scale: bool = True,
-                   stain: bool = True, zoom: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   stain: bool = True, zoom: float = 1.0, strong=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One training view: (3, 256, 256) in [0, 1] and (1, 256, 256) label, the patch resized by ``zoom`` (times a
-    random 0.8-1.25 with ``scale``)."""
+    random 0.8-1.25 with ``scale``); ``strong``: a ``strong_augmentation`` applied last."""
     x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
     if stain:
         jitter = RandHEDJitterd("image")
@@ -83,6 +103,10 @@ def augmented_view(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
     pad = (left, WINDOW - w - left, top, WINDOW - h - top)
     x = _reflect_pad(x, pad)
     y = _reflect_pad(y, pad)
+    if strong is not None:
+        view = strong({"image": x[0], "label": y[0]})
+        image, label = (torch.as_tensor(view[key]).as_tensor() for key in ("image", "label"))  # plain tensors
+        return image.float().clamp(0, 1), (label > 0.5).float()
     return x[0], y[0]
 
 
@@ -109,12 +133,30 @@ def _windows(image: np.ndarray, zoom: float = 1.0) -> tuple[torch.Tensor, tuple[
     return torch.stack(tiles), (rows, cols)
 
 
+def _prefix(net: AllInSamNet, image: torch.Tensor, cut: int) -> torch.Tensor:
+    """The frozen encoder up to its last ``cut`` TinyViT stages."""
+    if cut == 1:
+        return net.frozen_features(image)
+    encoder = net.sam.image_encoder
+    with torch.no_grad():
+        x = encoder.patch_embed(net.sam.preprocess(image * 255.0))
+        for stage in encoder.layers[:-cut]:
+            x = stage(x)
+    return x
+
+
+def _cache_dir(datalist: Path, zoom: float, cut: int) -> Path:
+    return REPO / "work_dirs" / "probe" / (datalist.stem + (f"_zoom{zoom:g}" if zoom != 1 else "")
+                                           + (f"_cut{cut}" if cut != 1 else ""))
+
+
 def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = None, scale: bool = True,
-          stain: bool = True, validation: bool = True, zoom: float = 1.0) -> str:
+          stain: bool = True, validation: bool = True, zoom: float = 1.0, strong: bool = False, cut: int = 1) -> str:
     """Encoder features (stage-3 input) of ``views`` augmented training views and of the validation windows;
-    ``zoom``: encoder pixels per image pixel (a cache folder of its own, ``<datalist stem>_zoom<zoom>``)."""
+    ``zoom``: encoder pixels per image pixel (a cache folder of its own, ``<datalist stem>_zoom<zoom>``);
+    ``strong``: add ``strong_augmentation``; ``cut``: the number of last TinyViT stages left to train."""
     datalist = Path(datalist)
-    out = Path(output or REPO / "work_dirs" / "probe" / (datalist.stem + (f"_zoom{zoom:g}" if zoom != 1 else "")))
+    out = Path(output or _cache_dir(datalist, zoom, cut))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     net = AllInSamNet(trainable="tail").eval()  # frozen_features: the tokens entering TinyViT's last stage
@@ -124,10 +166,12 @@ def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = No
     features, labels = [], []
     with torch.no_grad():
         for index in range(views):
-            image, label = augmented_view(*patches[index % len(patches)], rng, scale=scale, stain=stain, zoom=zoom)
-            features.append(net.frozen_features(image[None]).to(torch.bfloat16))
+            image, label = augmented_view(*patches[index % len(patches)], rng, scale=scale, stain=stain, zoom=zoom,
+                                          strong=strong_augmentation(seed + index) if strong else None)
+            features.append(_prefix(net, image[None], cut).to(torch.bfloat16))
             labels.append(label)
-    tag = f"train_v{views}_s{seed}" + ("" if scale else "_noscale") + ("" if stain else "_nostain")
+    tag = (f"train_v{views}_s{seed}" + ("" if scale else "_noscale") + ("" if stain else "_nostain")
+           + ("_strong" if strong else ""))
     torch.save({"features": torch.cat(features), "labels": torch.stack(labels)}, out / f"{tag}.pt")
     print(f"{views} training views cached in {time.perf_counter() - start:.0f} s -> {out / tag}.pt")
     if validation and not (out / "validation.pt").is_file():
@@ -137,7 +181,7 @@ def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = No
             for entry in content["validation"]:
                 image = read_rgb_image(datalist.parent / entry["image"])
                 windows, grid = _windows(image, zoom)
-                feats = torch.cat([net.frozen_features(w[None]) for w in windows]).to(torch.bfloat16)
+                feats = torch.cat([_prefix(net, w[None], cut) for w in windows]).to(torch.bfloat16)
                 truth = _label(datalist.parent / entry["label"].replace("weak/", "").replace("_weak", ""))
                 items.append({"name": Path(entry["image"]).stem, "features": feats, "grid": grid, "zoom": zoom,
                               "shape": image.shape[:2], "truth": torch.from_numpy(truth)})
@@ -171,12 +215,12 @@ def validation_dice(net: AllInSamNet, items: list[dict], embed) -> tuple[float, 
 
 def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, steps: int = 600, batch: int = 4,
           lr: float = 5e-4, eval_every: int = 150, cache_dir: str | None = None, train_file: str | None = None,
-          zoom: float = 1.0) -> None:
+          zoom: float = 1.0, cut: int = 1) -> None:
     """Fit ``head`` (``decoder``: mask decoder + no-mask embedding on frozen embeddings; ``tail``: also TinyViT's
     last stage and neck) on the cached views; print validation Dice. ``train_file``: cached view files,
     comma-separated (default ``train_v<views>_s0.pt``); ``zoom``: the cache made with that zoom."""
     datalist = Path(datalist)
-    out = Path(cache_dir or REPO / "work_dirs" / "probe" / (datalist.stem + (f"_zoom{zoom:g}" if zoom != 1 else "")))
+    out = Path(cache_dir or _cache_dir(datalist, zoom, cut))
     files = (train_file.split(",") if isinstance(train_file, str) else list(train_file)) if train_file else [
         f"train_v{views}_s0.pt"]
     parts = [torch.load(out / name) for name in files]
@@ -186,6 +230,16 @@ def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, 
     net = AllInSamNet(trainable=head)
     params = [p for p in net.parameters() if p.requires_grad]
     tail = lambda x: encoder_tail(net.sam.image_encoder, x)  # noqa: E731
+    if cut > 1:  # also train the stages before the last
+        encoder = net.sam.image_encoder
+        for stage in encoder.layers[-cut:-1]:
+            stage.requires_grad_(True)
+        params = [p for p in net.parameters() if p.requires_grad]
+
+        def tail(x: torch.Tensor) -> torch.Tensor:
+            for stage in encoder.layers[-cut:-1]:
+                x = stage(x)
+            return encoder_tail(encoder, x)
     features, labels = cached["features"], cached["labels"]
     if head == "decoder":  # the frozen tail once per view
         with torch.no_grad():
@@ -215,8 +269,9 @@ def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, 
 
 
 def refine(datalist: str, predictions: str, margins: tuple[int, ...] = (0, 2)) -> None:
-    """Validation Dice / AJI of the bundle's masks ``<predictions>/<image>_mask.png``, and of the masks that LiteMedSAM's box
-    decoder draws from the boxes of its instances (components or watershed), each box grown by ``margins`` pixels."""
+    """Validation Dice / AJI of the bundle's masks ``<predictions>/<image>_mask.png``, and of the masks that
+    LiteMedSAM's box decoder draws from the boxes of its instances (components or watershed), each box grown by
+    ``margins`` pixels."""
     from scripts.annotation import BoxPromptedSegmenter
     from scripts.data import boxes_from_instances, read_instance_map, relabel_sequential
     from scripts.metrics import aggregated_jaccard_index, dice_iou, instances_from_mask

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import fire
 import numpy as np
-
 from prepare_monuseg import SPLITS, relative_entry, write_case  # same folder: scripts/ is on sys.path
+
 from scripts.data import read_instance_map, read_rgb_image, relabel_sequential, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 """Plain fine-tuning vs MOCL refinement on the noisy two-class proxy task (P2's experiment; docs/method.md section 4).
 
     python scripts/simulate_lay_labels.py --dataset_dir data/monuseg --seeds 0 --test_crop_size 512
-    python scripts/mocl_experiment.py run --seeds 0,1,2 --shared_before true --before_epochs 6 --refine_epochs 2 --runs_dir runs/mocl_shared
+    python scripts/mocl_experiment.py run --seeds 0,1,2 --shared_before true --before_epochs 6 --refine_epochs 2 \\
+        --runs_dir runs/mocl_shared
     python scripts/mocl_experiment.py table --runs_dir runs/mocl_shared --output docs/results/mocl_two_class_cpu
 
 Per training seed, into ``<runs_dir>/seed<s>/``: ``before`` = ``configs/train.json`` on the lay labels (the "before
@@ -12,17 +13,15 @@ detection F1, ...). Finished steps are skipped, so a killed experiment resumes.
 """
 
 import csv
-import sys
 from pathlib import Path
 
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 import fire
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import _mean_sd, _wilcoxon_p  # noqa: E402
 from train_grid import CONFIGS, _bundle_command, _run_logged, seed_list  # noqa: E402
 
-from scripts.training import last_checkpoint  # noqa: E402  (the bundle's package, put on the path by train_grid)
+from scripts.training import last_checkpoint  # noqa: E402  (the bundle's package)
 
 DATASET = CONFIGS / "datasets" / "monuseg_two_class.json"
 ARMS = ("before", "plain", "mocl")
@@ -96,7 +95,8 @@ def table(runs_dir: str = "runs/mocl", output: str = "docs/results/mocl_two_clas
                                                                    TABLE_METRICS[:2]]
     lines = [f"# MOCL vs plain fine-tuning, two-class proxy task ({hardware})", "",
              f"{len(runs)} training seeds, {len(names)} test images; mean ± sd over seeds of the per-seed test means "
-             f"(NaN values skipped); p: two-sided Wilcoxon signed-rank test, paired by test image (values averaged over seeds). "
+             f"(NaN values skipped); p: two-sided Wilcoxon signed-rank test, paired by test image "
+             f"(values averaged over seeds). "
              + note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with open(output.with_name(output.name + ".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -14,7 +14,6 @@ landmark error before / after, the seconds per pair and the class-assignment acc
 """
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import tifffile
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
 from scripts.annotation import assign_marker_classes  # noqa: E402  (the allinsam bundle's package)
 from scripts.data import read_instance_map, read_rgb_image  # noqa: E402

@@ -107,7 +107,8 @@ def check_files(bundle: Path, metadata: dict) -> list[tuple[str, str]]:
 
 
 def check_metadata(bundle: Path) -> list[tuple[str, str]]:
-    process = _monai_bundle(bundle, "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA))
+    process = _monai_bundle(bundle, "verify_metadata", "--meta_file", "configs/metadata.json",
+                            "--filepath", str(SCHEMA))
     if process.returncode:
         raise PackagingError(f"{bundle}/configs/metadata.json: {_last_error_line(process)}")
     return [("verify_metadata", f"valid against {SCHEMA.name}")]
@@ -126,7 +127,8 @@ def check_weights(bundle: Path) -> list[tuple[str, str]]:
              "except Exception as error:\n"
              "    raise ValueError(f'torch.load(weights_only=True) refuses it ({type(error).__name__})') from None\n"
              "state = state.get('model', state) if isinstance(state, dict) else state\n"
-             "if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):\n"
+             "if not (isinstance(state, dict) and state "
+             "and all(isinstance(v, torch.Tensor) for v in state.values())):\n"
              "    raise ValueError('not a state dict of tensors')\n")
     if "network_def" in inference:
         load += "network.load_state_dict(state, strict=True)\n"
@@ -159,7 +161,8 @@ def torchscript_export(bundle: Path, metadata: dict, common: list[str]) -> str:
         weights = bundle / WEIGHTS
         if not weights.is_file():  # the network's initial weights: exportability does not depend on training
             weights = Path(scratch) / "initial.pt"
-            _torch_in_bundle(bundle, f"torch.save(parser.get_parsed_content('network_def').state_dict(), {str(weights)!r})")
+            _torch_in_bundle(bundle, f"torch.save(parser.get_parsed_content('network_def').state_dict(), "
+                                     f"{str(weights)!r})")
         exported = Path(scratch) / "model.ts"
         arguments = ["ckpt_export", "network_def", "--filepath", str(exported), "--ckpt_file", str(weights), *common]
         scripted = _monai_bundle(bundle, *arguments)
@@ -168,11 +171,13 @@ def torchscript_export(bundle: Path, metadata: dict, common: list[str]) -> str:
         else:
             size = [int(n) for n in metadata["network_data_format"]["inputs"]["image"]["spatial_shape"]]
             channels = metadata["network_data_format"]["inputs"]["image"]["num_channels"]
-            traced = _monai_bundle(bundle, *arguments, "--use_trace", "True", "--input_shape", str([1, channels, *size]))
+            traced = _monai_bundle(bundle, *arguments, "--use_trace", "True",
+                                   "--input_shape", str([1, channels, *size]))
             if traced.returncode:
                 return (f"NOT exportable: scripting failed ({_last_error_line(scripted)}); "
                         f"tracing failed ({_last_error_line(traced)})")
-            how = f"torch.jit.trace at (1, {channels}, {size[0]}, {size[1]}) (scripting failed: {_last_error_line(scripted)})"
+            how = (f"torch.jit.trace at (1, {channels}, {size[0]}, {size[1]}) "
+                   f"(scripting failed: {_last_error_line(scripted)})")
         report = _torch_in_bundle(bundle, f"""
 network = parser.get_parsed_content('network_def')
 state = torch.load({str(weights)!r}, map_location='cpu', weights_only=True)

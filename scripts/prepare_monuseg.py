@@ -24,17 +24,17 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 import fire
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "allinsam"))
 from scripts.data import (  # noqa: E402  (the bundle's package, on the path above)
     boxes_from_instances,
     read_instance_map,
-    read_xml_polygons,
     read_rgb_image,
+    read_xml_polygons,
     relabel_sequential,
     write_json_atomic,
     write_png_atomic,
@@ -115,7 +115,8 @@ def write_case(root: Path, name: str, image: np.ndarray, instances: np.ndarray) 
         "instance_ids": list(range(1, len(boxes) + 1)),
         "boxes": boxes.tolist(),
     })
-    return {"image": paths["images"], "label": paths["labels"], "instances": paths["instances"], "boxes": paths["boxes"]}
+    return {"image": paths["images"], "label": paths["labels"], "instances": paths["instances"],
+            "boxes": paths["boxes"]}
 
 
 def patch_origin(name: str, seed: int, shape: tuple[int, int], patch_size: int) -> tuple[int, int]:
@@ -190,7 +191,8 @@ def prepare(
                 training[name] = image, instances
             entries[name] = write_case(output / "cases", name, image, instances)
             nuclei, regions = nuclei + int(instances.max()), regions + n_regions
-        report["splits"][split_name] = {"images": len(split[split_name]), "nuclei": nuclei, "annotated_regions": regions}
+        report["splits"][split_name] = {"images": len(split[split_name]), "nuclei": nuclei,
+                                        "annotated_regions": regions}
 
     full = {split_name: [relative_entry(entries[name], output) for name in split[split_name]] for split_name in SPLITS}
     for fraction in fractions:

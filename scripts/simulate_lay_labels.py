@@ -25,18 +25,17 @@ Writes under ``<dataset_dir>/two_class/``: ``classes/<name>.png`` (clean class m
 
 import json
 import os
-import sys
 import zlib
 from pathlib import Path
 
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 import fire
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "allinsam"))
-from scripts.data import read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic  # noqa: E402
 from train_grid import seed_list  # noqa: E402
+
+from scripts.data import read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic  # noqa: E402
 
 CLASSES = ("small", "large")
 TEST_FOLDERS = {"image": "images", "label": "labels", "instances": "instances", "classes": "classes"}

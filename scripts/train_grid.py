@@ -1,5 +1,6 @@
-"""Train and evaluate a bundle over label types and seeds: the allinsam bundle (``run``, tabulated by ``table``) or the
-nnunet_baseline bundle (``nnunet``, scored with ``scripts/compare.py``) on the same datalists (docs/method.md section 6).
+"""Train and evaluate a bundle over label types and seeds: the allinsam bundle (``run``, tabulated by ``table``) or
+the nnunet_baseline bundle (``nnunet``, scored with ``scripts/compare.py``) on the same datalists (docs/method.md
+section 6).
 
     python scripts/train_grid.py run --fraction 0.5pct --labels complete,weak --seeds 0,1,2 --epochs 15
     python scripts/train_grid.py table --runs_dir runs/grid_0.5pct --output docs/results/allinsam_0.5pct_cpu
@@ -22,7 +23,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "allinsam" / "configs"
-sys.path.insert(0, str(REPO / "bundles" / "allinsam"))
+import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
+
 from scripts.metrics import METRIC_NAMES  # noqa: E402  (the bundle's package)
 from scripts.training import last_checkpoint  # noqa: E402
 
@@ -104,13 +106,14 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
                 print(f"{run_dir.name}: done already")
                 continue
             train = {**dataset, "labels": label, "seed": seed, "epochs": epochs, "val_interval": val_interval,
-                     "val_crop_size": val_crop_size, "ckpt_dir": run_dir / "models", "output_dir": run_dir / "tensorboard",
-                     **overrides}
+                     "val_crop_size": val_crop_size, "ckpt_dir": run_dir / "models",
+                     "output_dir": run_dir / "tensorboard", **overrides}
             seconds = _run_logged(_bundle_command([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"],
                                                   "training", train), run_dir / "train.log")
             weights = run_dir / "models" / "model.pt" if checkpoint == "best" else last_checkpoint(run_dir / "models")
             evaluate = {**dataset, "labels": label, "ckpt_path": weights, "output_dir": run_dir / "test",
-                        "sw_overlap": sw_overlap, **{key: overrides[key] for key in NETWORK_OPTIONS if key in overrides}}
+                        "sw_overlap": sw_overlap,
+                        **{key: overrides[key] for key in NETWORK_OPTIONS if key in overrides}}
             eval_seconds = _run_logged(_bundle_command(
                 [CONFIGS / "inference.json", CONFIGS / "evaluate.json", CONFIGS / "datasets" / "monuseg.json"],
                 None, evaluate), run_dir / "evaluate.log")
@@ -137,7 +140,8 @@ def nnunet(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"),
             if (run_dir / "timing.csv").is_file():
                 print(f"{run_dir.name}: done already")
                 continue
-            dataset = {"dataset_dir": dataset_dir, "fraction": fraction, "labels": label, "work_dir": run_dir / "nnunet"}
+            dataset = {"dataset_dir": dataset_dir, "fraction": fraction, "labels": label,
+                       "work_dir": run_dir / "nnunet"}
             train = {**dataset, "seed": seed, "epochs": epochs, "iterations_per_epoch": iterations_per_epoch,
                      **overrides}
             seconds = _run_logged(_bundle_command([configs / "train.json", configs / "datasets" / "monuseg.json"],

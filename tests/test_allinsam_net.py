@@ -137,6 +137,7 @@ def test_inference_builds_the_recipe_the_checkpoint_was_trained_with(tmp_path):
     """Weights of the adapter recipe infer without ``--trainable``; a network of the wrong recipe says which one to
     build instead of listing hundreds of names; files that are not weights are named and refused."""
     from conftest import CONFIGS, bundle_workflow
+
     from scripts.networks import read_network_weights, recipe_of_checkpoint
 
     torch.manual_seed(0)

@@ -37,7 +37,8 @@ def dataset(tmp_path, sample_datalist):
 
 def _write_datalist(root, training, validation=None):
     path = root / "datalist.json"
-    path.write_text(json.dumps({"training": training, "validation": validation if validation is not None else training}))
+    path.write_text(json.dumps({"training": training,
+                                "validation": validation if validation is not None else training}))
     return path
 
 

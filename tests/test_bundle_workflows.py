@@ -9,13 +9,12 @@ import pytest
 import torch
 from conftest import BUNDLE, SAMPLE_CROPS, bundle_workflow
 from monai.bundle import ConfigWorkflow
+from monai.transforms import Compose
 from PIL import Image
 
-from monai.transforms import Compose
-
 from scripts.data import read_rgb_image
-from scripts.training import AugmentedViewd
 from scripts.metrics import METRIC_NAMES
+from scripts.training import AugmentedViewd
 
 CONFIGS = BUNDLE / "configs"
 TRAIN, INFER, EVALUATE, MONUSEG = (CONFIGS / name for name in ("train.json", "inference.json", "evaluate.json",

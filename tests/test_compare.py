@@ -3,12 +3,11 @@
 import csv
 import json
 
+import compare
 import numpy as np
 import pytest
 from PIL import Image
 from scipy.stats import wilcoxon
-
-import compare
 
 
 def _disks(shape, centres, radius) -> np.ndarray:

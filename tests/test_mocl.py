@@ -281,7 +281,8 @@ def test_experiment_table_pairs_images_per_class(tmp_path):
     markdown = table(runs_dir=str(tmp_path), output=str(tmp_path / "out" / "mocl"))
     text = (tmp_path / "out" / "mocl.md").read_text()
     mocl_small = [line for line in text.splitlines() if line.startswith("| small | mocl |")][0].split(" | ")
-    mocl, plain = ((np.round(truth[arm, "seed0"], 4) + np.round(truth[arm, "seed1"], 4)) / 2 for arm in ("mocl", "plain"))
+    mocl, plain = ((np.round(truth[arm, "seed0"], 4) + np.round(truth[arm, "seed1"], 4)) / 2
+                   for arm in ("mocl", "plain"))
     assert float(mocl_small[-4]) == pytest.approx(wilcoxon(mocl[:, 0], plain[:, 0]).pvalue, rel=1e-3)
     means = [np.round(truth["mocl", s], 4)[:, 0].mean() for s in ("seed0", "seed1")]
     assert mocl_small[2] == f"{np.mean(means):.4f} ± {np.std(means, ddof=1):.4f}"

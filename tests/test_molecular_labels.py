@@ -72,8 +72,9 @@ def test_bundle_workflow_writes_transform_registered_if_and_reviewable_labels(tm
     image, instances = SAMPLE_CROPS / "images" / f"{CROP}.png", SAMPLE_CROPS / "instances" / f"{CROP}.png"
     truth = synthetic(str(image), str(instances), str(tmp_path / "if"))
     output = tmp_path / "labels"
-    workflow = bundle_workflow([CONFIGS / "molecular_labels.json"], run_id="molecular_labels", pas_image=str(image), instances=str(instances),
-                               if_image=str(tmp_path / "if" / f"{CROP}_if.tif"), output_dir=str(output),
+    workflow = bundle_workflow([CONFIGS / "molecular_labels.json"], run_id="molecular_labels", pas_image=str(image),
+                               instances=str(instances), if_image=str(tmp_path / "if" / f"{CROP}_if.tif"),
+                               output_dir=str(output),
                                bspline_mesh=4)
     workflow.run()
     report = json.loads((output / f"{CROP}_molecular_labels.json").read_text())

@@ -20,6 +20,7 @@ import torch
 from conftest import CONFIGS, REPO, SAMPLE_CROPS, bundle_workflow, copy_bundle
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
+
 from scripts.data import instance_contours, read_instance_map, read_rgb_image
 from scripts.metrics import instances_from_mask
 
@@ -114,7 +115,8 @@ def test_prompt_free_segmentation_is_the_bundle_inference(server, tmp_path):
 
     def bundle_inference(threshold: float) -> tuple[np.ndarray, ConfigWorkflow]:
         output = tmp_path / str(threshold)
-        workflow = bundle_workflow([CONFIGS / "inference.json"], "infer", ckpt_path=str(server.bundle / "models/model.pt"),
+        workflow = bundle_workflow([CONFIGS / "inference.json"], "infer",
+                                   ckpt_path=str(server.bundle / "models/model.pt"),
                                    output_dir=str(output), threshold=threshold, input_glob=str(crop))
         workflow.run()
         return np.asarray(Image.open(output / f"{TEST_CROP}_mask.png")), workflow
@@ -205,7 +207,8 @@ def test_labels_saved_through_the_server_train_the_bundle(server):
     assert model.stat().st_mtime_ns > before  # validation every epoch: the best model is written
     log = server.log.read_text()
     assert "Total Records for Training: 2" in log and "train_loss" in log
-    after = server.http.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "image"}, timeout=120)
+    after = server.http.post(f"{server.url}/infer/allinsam", params={"image": TEST_CROP, "output": "image"},
+                             timeout=120)
     assert _png(after).shape == (256, 256)  # the server serves the retrained model
 
 

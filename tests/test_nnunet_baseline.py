@@ -14,9 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO, SAMPLE_CROPS
+from PIL import Image
 
 BUNDLE = REPO / "bundles" / "nnunet_baseline"
 CONFIGS = BUNDLE / "configs"

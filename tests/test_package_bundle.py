@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BUNDLE, REPO, SAMPLE_CROPS, copy_bundle
-from PIL import Image
-
 from package_bundle import PackagingError, bundle_members, check_files, check_weights, package, write_zip
+from PIL import Image
 
 pytestmark = pytest.mark.slow  # packaging runs the model-zoo checks in subprocesses
 
@@ -165,6 +164,7 @@ class _Payload:
 
 def test_weights_that_are_not_this_network_are_refused(tmp_path, trained_allinsam):
     import torch
+
     from scripts.networks import AllInSamNet
 
     bundle = _bundle_copy(tmp_path / "bundle")

@@ -1,4 +1,5 @@
-"""scripts/prepare_monuseg.py on the real MoNuSeg set and on a small MoNuSeg-layout folder built from the sample crops."""
+"""scripts/prepare_monuseg.py on the real MoNuSeg set and on a small MoNuSeg-layout folder built from the sample
+crops."""
 
 import json
 import re
@@ -23,7 +24,8 @@ def _read(path):
 
 def _entries(datalist_path, split):
     base = datalist_path.parent
-    return [{key: base / value for key, value in entry.items()} for entry in json.loads(datalist_path.read_text())[split]]
+    return [{key: base / value for key, value in entry.items()}
+            for entry in json.loads(datalist_path.read_text())[split]]
 
 
 def _write_split(path, train, validation, test):
@@ -68,7 +70,8 @@ def test_instance_ids_unique_contiguous_and_label_matches(prepared_monuseg):
 
 def test_boxes_are_tight_bounding_boxes_of_their_instance(prepared_monuseg):
     output, _ = prepared_monuseg
-    for entry in _entries(output / "datalist_all.json", "test")[:4] + _entries(output / "datalist_all.json", "training")[:4]:
+    for entry in (_entries(output / "datalist_all.json", "test")[:4]
+                  + _entries(output / "datalist_all.json", "training")[:4]):
         boxes = json.loads(entry["boxes"].read_text())
         instances = _read(entry["instances"])
         expected = {r.label: [r.bbox[1], r.bbox[0], r.bbox[3], r.bbox[2]] for r in regionprops(instances)}
@@ -82,7 +85,8 @@ def test_fraction_keeps_one_200px_patch_per_image(prepared_monuseg, fraction, im
     datalist_path = output / f"datalist_{fraction}_seed0.json"
     datalist = json.loads(datalist_path.read_text())
     entries = _entries(datalist_path, "training")
-    assert len(entries) == len(datalist["patches"]) == images == report["fractions"][f"{fraction}_seed0"]["training_images"]
+    assert (len(entries) == len(datalist["patches"]) == images
+            == report["fractions"][f"{fraction}_seed0"]["training_images"])
     assert len(datalist["validation"]) == 6 and len(datalist["test"]) == 14  # fractions change training only
     for entry, patch in zip(entries, datalist["patches"]):
         x0, y0, x1, y1 = patch["box"]
@@ -109,7 +113,8 @@ def test_same_seed_same_bytes_other_seed_other_patches(monuseg_dir, tmp_path):
     runs = [tmp_path / name for name in ("a", "b")]
     for run in runs:
         prepare(str(monuseg_dir), str(run), split_file=str(split), fractions=("4pct", "0.5pct"), seeds=(0, 1))
-    produced = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file() and p.name != "prepare_report.json")
+    produced = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*")
+                      if p.is_file() and p.name != "prepare_report.json")
     assert produced and produced == sorted(p.relative_to(runs[1]) for p in runs[1].rglob("*")
                                            if p.is_file() and p.name != "prepare_report.json")
     for relative in produced:
@@ -198,7 +203,8 @@ def test_prepare_on_monuseg_layout_built_from_sample_crops(tmp_path):
             if split_name == "training":  # instance maps pass through unchanged
                 assert np.array_equal(prepared, truth)
             else:  # polygons traced from the truth rasterise back onto it
-                dice = 2 * np.count_nonzero((prepared > 0) & (truth > 0)) / (np.count_nonzero(prepared) + np.count_nonzero(truth))
+                dice = (2 * np.count_nonzero((prepared > 0) & (truth > 0))
+                        / (np.count_nonzero(prepared) + np.count_nonzero(truth)))
                 assert dice > 0.95, name
 
 

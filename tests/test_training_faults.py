@@ -53,7 +53,8 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes(tmp_path, trainable, st
     assert at_kill["trainer"]["iteration"] == steps_per_epoch
     assert set(at_kill) >= {"optimizer", "lr_scheduler", "early_stop", "budget"}
 
-    resumed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    resumed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"resuming from {models / 'last_checkpoint_epoch=1.pt'}" in resumed.stdout
     assert "SupervisedTrainer - INFO - Epoch[1] Complete" not in resumed.stdout  # epoch 1 is not redone

@@ -31,7 +31,8 @@ class AllInSamApp(MONAILabelApp):
         self.bundle = os.path.realpath(conf.get("bundle_path", default_bundle))
         metadata_file = os.path.join(self.bundle, "configs", "metadata.json")
         if not os.path.isfile(metadata_file):
-            raise FileNotFoundError(f"{metadata_file}: not found; --conf bundle_path must name an allinsam bundle folder")
+            raise FileNotFoundError(f"{metadata_file}: not found; "
+                                    f"--conf bundle_path must name an allinsam bundle folder")
         with open(metadata_file) as handle:
             metadata = json.load(handle)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="allinsam",

@@ -72,8 +72,11 @@ class NnUNetExperiment:
         """nnU-Net's fingerprint (with its dataset integrity check when ``verify``), plans and preprocessing of the
         configuration; skipped when done before. Returns the plans file."""
         self._environment()
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                          preprocess)
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+            extract_fingerprints,
+            plan_experiments,
+            preprocess,
+        )
 
         preprocessed = self.work_dir / "nnUNet_preprocessed" / self.dataset
         plans_file = preprocessed / f"{self.plans}.json"

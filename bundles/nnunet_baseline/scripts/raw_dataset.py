@@ -21,7 +21,8 @@ LABELS = {"background": 0, "nucleus": 1}
 
 def datalist_images(datalist: str, split: str = "test") -> list[str]:
     """Absolute image paths of one split of a datalist (entries relative to the datalist's folder)."""
-    entries = load_decathlon_datalist(datalist, data_list_key=split, base_dir=os.path.dirname(os.path.abspath(datalist)))
+    entries = load_decathlon_datalist(datalist, data_list_key=split,
+                                      base_dir=os.path.dirname(os.path.abspath(datalist)))
     return [entry["image"] for entry in entries]
 
 

@@ -117,7 +117,8 @@ class BoxPromptedSegmenter:
         size = self.sam.embedding_size
         if self.decoder_context is None:
             return size, 0, 0
-        extent = max(prompt_box[2] - prompt_box[0], prompt_box[3] - prompt_box[1]) + 2 * self.decoder_context * self.scale
+        extent = (max(prompt_box[2] - prompt_box[0], prompt_box[3] - prompt_box[1])
+                  + 2 * self.decoder_context * self.scale)
         k = min(size, CROP_GRID * math.ceil(extent / self.pixels_per_token / CROP_GRID))
         centre_y = (prompt_box[1] + prompt_box[3]) / 2 / self.pixels_per_token
         centre_x = (prompt_box[0] + prompt_box[2]) / 2 / self.pixels_per_token
@@ -153,7 +154,8 @@ class BoxPromptedSegmenter:
         """The same prompts decoded on the flipped window's embedding, flipped back."""
         k, ty, tx = crop
         size = self.sam.image_size
-        flipped_boxes = None if boxes is None else torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
+        flipped_boxes = None if boxes is None else torch.stack([size - boxes[:, 2], boxes[:, 1],
+                                                                size - boxes[:, 0], boxes[:, 3]], 1)
         flipped_points = None if points is None else torch.stack([size - points[:, 0], points[:, 1]], 1)
         crop_flipped = (k, ty, self.sam.embedding_size - tx - k)
         return self._decode(embedding, crop_flipped, flipped_boxes, flipped_points).flip(-1)
@@ -161,7 +163,8 @@ class BoxPromptedSegmenter:
     # --- whole image -----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, points: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    def __call__(self, image: np.ndarray, boxes: np.ndarray,
+                 points: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """Instance map (H, W) uint16 for an RGB uint8 image (H, W, 3) and prompts in image pixels.
 
         Box i (N, 4) gets id i + 1, point j (M, 2) gets id N + j + 1. Overlaps go to the prompt with the higher
@@ -189,7 +192,8 @@ class BoxPromptedSegmenter:
         windows = [(y, x) for y in tile_starts(height, self.window, self.stride)
                    for x in tile_starts(width, self.window, self.stride)]
         origins = np.array(windows, dtype=np.float64).reshape(-1, 2)
-        centres = np.stack([(regions[valid, 1] + regions[valid, 3]) / 2, (regions[valid, 0] + regions[valid, 2]) / 2], 1)
+        centres = np.stack([(regions[valid, 1] + regions[valid, 3]) / 2,
+                            (regions[valid, 0] + regions[valid, 2]) / 2], 1)
         offsets = centres[:, None, :] - origins[None]
         home = np.minimum(offsets, self.window - offsets).min(axis=2).argmax(axis=1) if len(valid) else np.zeros(0, int)
 
@@ -210,7 +214,8 @@ class BoxPromptedSegmenter:
                        for start in range(0, len(rows), DECODER_BATCH)]
             for (point_group, *crop), rows in batches:
                 prompt = torch.as_tensor(encoder_boxes[rows], dtype=torch.float32, device=self.device)
-                box_prompt, point_prompt = (None, (prompt[:, :2] + prompt[:, 2:]) / 2) if point_group else (prompt, None)
+                box_prompt, point_prompt = ((None, (prompt[:, :2] + prompt[:, 2:]) / 2) if point_group
+                                            else (prompt, None))
                 logits = self._decode(embeddings[0], tuple(crop), box_prompt, point_prompt)
                 if self.flip:
                     logits = (logits + self._decode_flipped(embeddings[1], tuple(crop), box_prompt, point_prompt)) / 2
@@ -256,12 +261,14 @@ class BoxPromptedSegmenter:
             best_logit[y0:y1, x0:x1][wins] = local[wins]
 
 
-def annotate_dataset(dataset, segmenter: BoxPromptedSegmenter, output_dir: str, prompt_key: str = "boxes") -> list[dict]:
+def annotate_dataset(dataset, segmenter: BoxPromptedSegmenter, output_dir: str,
+                     prompt_key: str = "boxes") -> list[dict]:
     """Annotate every item ``{"image": (3, H, W) array, prompt_key: path of a prompt file}`` of ``dataset``.
 
     Every image and prompt file of ``dataset.data`` is read and checked first: a bad one stops the run with its name
-    before any output is written. Writes per image ``<name>_instances.png`` (uint16 ids), ``<name>_mask.png`` (uint8 0/1) and
-    ``<name>_annotation.json`` (prompts used / skipped and why, seconds) into ``output_dir``; returns the reports.
+    before any output is written. Writes per image ``<name>_instances.png`` (uint16 ids), ``<name>_mask.png``
+    (uint8 0/1) and ``<name>_annotation.json`` (prompts used / skipped and why, seconds) into ``output_dir``; returns
+    the reports.
     """
     output = Path(output_dir)
     all_prompts = []

@@ -21,7 +21,8 @@ def assign_marker_classes(instances: np.ndarray, markers: dict[str, np.ndarray],
     each marker (H, W) inside it (``mean_<class>``) and ``class``: the class whose mean / threshold is highest
     and at least 1, or ``""`` when no marker reaches its threshold."""
     if set(markers) != set(thresholds):
-        raise ValueError(f"a threshold per marker is needed: markers {sorted(markers)}, thresholds {sorted(thresholds)}")
+        raise ValueError(f"a threshold per marker is needed: markers {sorted(markers)}, "
+                         f"thresholds {sorted(thresholds)}")
     slices = ndimage.find_objects(instances)
     ids = [index + 1 for index, found in enumerate(slices) if found is not None]
     means = {name: np.atleast_1d(ndimage.mean(marker, labels=instances, index=ids)) for name, marker in markers.items()}

@@ -29,7 +29,8 @@ class Prompts:
 
     @classmethod
     def of(cls, boxes=(), points=()) -> "Prompts":
-        return cls(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(points, dtype=np.float64).reshape(-1, 2))
+        return cls(np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                   np.asarray(points, dtype=np.float64).reshape(-1, 2))
 
 
 def _same_image(reference, image_name: str | None) -> bool:

@@ -1,6 +1,12 @@
 from .allinsam_net import AllInSamNet, FeatureHead, recipe_of_checkpoint
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
-from .sam_adapter import AdaptedTinyViTEncoder, AdaptedViTEncoder, PromptGenerator, adapt_encoder, high_frequency_component
+from .sam_adapter import (
+    AdaptedTinyViTEncoder,
+    AdaptedViTEncoder,
+    PromptGenerator,
+    adapt_encoder,
+    high_frequency_component,
+)
 from .sam_backbones import (
     LITEMEDSAM_SHA256,
     SamBackbone,

@@ -29,7 +29,8 @@ class Registration:
 
     def map_points(self, points_xy: np.ndarray) -> np.ndarray:
         """Fixed (N, 2) [x, y] pixel points -> their moving-image positions."""
-        return np.array([list(self.transform.TransformPoint([float(x), float(y)])) for x, y in points_xy]).reshape(-1, 2)
+        return np.array([list(self.transform.TransformPoint([float(x), float(y)]))
+                         for x, y in points_xy]).reshape(-1, 2)
 
 
 def nuclear_channel(rgb: np.ndarray) -> np.ndarray:
@@ -54,7 +55,8 @@ def _centre(shape: tuple[int, ...]) -> np.ndarray:
     return np.array([(shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0])
 
 
-def _registration(fixed, moving, initial, optimizer, shrink: list[int], sampling: float, seed: int, moving_initial=None):
+def _registration(fixed, moving, initial, optimizer, shrink: list[int], sampling: float, seed: int,
+                  moving_initial=None):
     """Fit ``initial`` in place over the pyramid ``shrink`` (e.g. [4, 2, 1], Gaussian sigma = shrink / 2 pixels);
     returns the final metric value."""
     metric = itk.MattesMutualInformationImageToImageMetricv4[IMAGE, IMAGE].New(NumberOfHistogramBins=32)

@@ -52,11 +52,13 @@ def molecular_labels(pas_image: str, if_image: str, instances: str, output_dir: 
                       bspline_mesh, max_size)
     itk.transformwrite([fitted.transform], str(output / f"{name}_if_to_pas.tfm"))
     registered = np.stack([resample(channel.astype(np.float32), fitted, rgb.shape[:2]) for channel in fluorescence])
-    tifffile.imwrite(output / f"{name}_if_registered.tif", registered.astype(fluorescence.dtype), photometric="minisblack")
+    tifffile.imwrite(output / f"{name}_if_registered.tif", registered.astype(fluorescence.dtype),
+                     photometric="minisblack")
     rows = write_marker_labels(output, name, rgb, nuclei, {c: registered[i] for c, i in markers.items()}, thresholds)
     report = {"pas_image": str(pas_image), "if_image": str(if_image), "transform": transform,
               "bspline_mesh": bspline_mesh, "mutual_information_before": round(fitted.metric_before, 4),
-              "mutual_information_after": round(fitted.metric_after, 4), "registration_seconds": round(fitted.seconds, 2),
+              "mutual_information_after": round(fitted.metric_after, 4),
+              "registration_seconds": round(fitted.seconds, 2),
               "nuclei": len(rows), "per_class": {c: sum(row["class"] == c for row in rows) for c in markers}}
     write_json_atomic(output / f"{name}_molecular_labels.json", report)
     logger.info(json.dumps(report))

@@ -1,3 +1,4 @@
+from .budget import TrainingBudget
 from .checkpoints import (
     LAST_CHECKPOINT_PREFIX,
     EarlyStopState,
@@ -7,7 +8,6 @@ from .checkpoints import (
     resume_from_last_checkpoint,
     resume_or_start_from,
 )
-from .budget import TrainingBudget
 from .distributed import init_distributed
 from .feature_cache import (
     AugmentedViewd,

@@ -15,7 +15,8 @@ from monai.handlers import CheckpointLoader, EarlyStopHandler
 
 logger = logging.getLogger(__name__)
 LAST_CHECKPOINT_PREFIX = "last"  # train.json's epoch Checkpoint writes <ckpt_dir>/last_checkpoint_epoch=<n>.pt
-# the temporary file of an atomic write (tempfile.NamedTemporaryFile's names), left behind when a run is killed mid-write
+# the temporary file of an atomic write (tempfile.NamedTemporaryFile's names), left behind when a run is killed
+# mid-write
 PARTIAL_WRITE = re.compile(r"tmp[a-z0-9_]{8}")
 
 
@@ -44,7 +45,8 @@ class KeepUntilReplacedDiskSaver(DiskSaver):
 def remove_partial_writes(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that a run killed while writing a checkpoint left in ``checkpoint_dir`` (the
     checkpoint they were to become was never renamed into place; the previous one is intact). Returns them."""
-    partial = [path for path in Path(checkpoint_dir).glob("tmp*") if path.is_file() and PARTIAL_WRITE.fullmatch(path.name)]
+    partial = [path for path in Path(checkpoint_dir).glob("tmp*")
+               if path.is_file() and PARTIAL_WRITE.fullmatch(path.name)]
     for path in partial:
         logger.info(f"{path}: removed, an unfinished checkpoint write of a killed run")
         path.unlink()
