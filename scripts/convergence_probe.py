@@ -4,6 +4,7 @@ augmented views of the labelled patches, score on the validation images (never t
     python scripts/convergence_probe.py cache --datalist data/monuseg/datalist_0.5pct_seed0.json --views 96
     python scripts/convergence_probe.py train --datalist data/monuseg/datalist_0.5pct_seed0.json --head decoder
     python scripts/convergence_probe.py train --datalist ... --head tail      # last TinyViT stage + neck + decoder
+    python scripts/convergence_probe.py cache --datalist ... --tail_stages 2 [--strong]   # then train with the same
     python scripts/convergence_probe.py refine --datalist ... --predictions <inference output of the validation split>
 
 ``cache`` runs the frozen encoder once per view up to the input of its last stage (stage 3) and stores it under
@@ -133,33 +134,22 @@ def _windows(image: np.ndarray, zoom: float = 1.0) -> tuple[torch.Tensor, tuple[
     return torch.stack(tiles), (rows, cols)
 
 
-def _prefix(net: AllInSamNet, image: torch.Tensor, cut: int) -> torch.Tensor:
-    """The frozen encoder up to its last ``cut`` TinyViT stages."""
-    if cut == 1:
-        return net.frozen_features(image)
-    encoder = net.sam.image_encoder
-    with torch.no_grad():
-        x = encoder.patch_embed(net.sam.preprocess(image * 255.0))
-        for stage in encoder.layers[:-cut]:
-            x = stage(x)
-    return x
-
-
-def _cache_dir(datalist: Path, zoom: float, cut: int) -> Path:
+def _cache_dir(datalist: Path, zoom: float, tail_stages: int) -> Path:
     return REPO / "work_dirs" / "probe" / (datalist.stem + (f"_zoom{zoom:g}" if zoom != 1 else "")
-                                           + (f"_cut{cut}" if cut != 1 else ""))
+                                           + (f"_stages{tail_stages}" if tail_stages != 1 else ""))
 
 
 def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = None, scale: bool = True,
-          stain: bool = True, validation: bool = True, zoom: float = 1.0, strong: bool = False, cut: int = 1) -> str:
+          stain: bool = True, validation: bool = True, zoom: float = 1.0, strong: bool = False,
+          tail_stages: int = 1) -> str:
     """Encoder features (stage-3 input) of ``views`` augmented training views and of the validation windows;
     ``zoom``: encoder pixels per image pixel (a cache folder of its own, ``<datalist stem>_zoom<zoom>``);
-    ``strong``: add ``strong_augmentation``; ``cut``: the number of last TinyViT stages left to train."""
+    ``strong``: add ``strong_augmentation``; ``tail_stages``: the number of last encoder stages trained."""
     datalist = Path(datalist)
-    out = Path(output or _cache_dir(datalist, zoom, cut))
+    out = Path(output or _cache_dir(datalist, zoom, tail_stages))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    net = AllInSamNet(trainable="tail").eval()  # frozen_features: the tokens entering TinyViT's last stage
+    net = AllInSamNet(trainable="tail", tail_stages=tail_stages).eval()  # frozen_features: tokens entering the tail
     rng = np.random.default_rng(seed)
     patches = _patches(datalist)
     start = time.perf_counter()
@@ -168,7 +158,7 @@ def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = No
         for index in range(views):
             image, label = augmented_view(*patches[index % len(patches)], rng, scale=scale, stain=stain, zoom=zoom,
                                           strong=strong_augmentation(seed + index) if strong else None)
-            features.append(_prefix(net, image[None], cut).to(torch.bfloat16))
+            features.append(net.frozen_features(image[None]).to(torch.bfloat16))
             labels.append(label)
     tag = (f"train_v{views}_s{seed}" + ("" if scale else "_noscale") + ("" if stain else "_nostain")
            + ("_strong" if strong else ""))
@@ -181,7 +171,7 @@ def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = No
             for entry in content["validation"]:
                 image = read_rgb_image(datalist.parent / entry["image"])
                 windows, grid = _windows(image, zoom)
-                feats = torch.cat([_prefix(net, w[None], cut) for w in windows]).to(torch.bfloat16)
+                feats = torch.cat([net.frozen_features(w[None]) for w in windows]).to(torch.bfloat16)
                 truth = _label(datalist.parent / entry["label"].replace("weak/", "").replace("_weak", ""))
                 items.append({"name": Path(entry["image"]).stem, "features": feats, "grid": grid, "zoom": zoom,
                               "shape": image.shape[:2], "truth": torch.from_numpy(truth)})
@@ -215,31 +205,21 @@ def validation_dice(net: AllInSamNet, items: list[dict], embed) -> tuple[float, 
 
 def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, steps: int = 600, batch: int = 4,
           lr: float = 5e-4, eval_every: int = 150, cache_dir: str | None = None, train_file: str | None = None,
-          zoom: float = 1.0, cut: int = 1) -> None:
+          zoom: float = 1.0, tail_stages: int = 1) -> None:
     """Fit ``head`` (``decoder``: mask decoder + no-mask embedding on frozen embeddings; ``tail``: also TinyViT's
     last stage and neck) on the cached views; print validation Dice. ``train_file``: cached view files,
     comma-separated (default ``train_v<views>_s0.pt``); ``zoom``: the cache made with that zoom."""
     datalist = Path(datalist)
-    out = Path(cache_dir or _cache_dir(datalist, zoom, cut))
+    out = Path(cache_dir or _cache_dir(datalist, zoom, tail_stages))
     files = (train_file.split(",") if isinstance(train_file, str) else list(train_file)) if train_file else [
         f"train_v{views}_s0.pt"]
     parts = [torch.load(out / name) for name in files]
     cached = {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
     items = torch.load(out / "validation.pt")
     torch.manual_seed(seed)
-    net = AllInSamNet(trainable=head)
+    net = AllInSamNet(trainable=head, tail_stages=tail_stages)
     params = [p for p in net.parameters() if p.requires_grad]
-    tail = lambda x: encoder_tail(net.sam.image_encoder, x)  # noqa: E731
-    if cut > 1:  # also train the stages before the last
-        encoder = net.sam.image_encoder
-        for stage in encoder.layers[-cut:-1]:
-            stage.requires_grad_(True)
-        params = [p for p in net.parameters() if p.requires_grad]
-
-        def tail(x: torch.Tensor) -> torch.Tensor:
-            for stage in encoder.layers[-cut:-1]:
-                x = stage(x)
-            return encoder_tail(encoder, x)
+    tail = lambda x: encoder_tail(net.sam.image_encoder, x, tail_stages)  # noqa: E731
     features, labels = cached["features"], cached["labels"]
     if head == "decoder":  # the frozen tail once per view
         with torch.no_grad():
@@ -273,8 +253,8 @@ def refine(datalist: str, predictions: str, margins: tuple[int, ...] = (0, 2)) -
     LiteMedSAM's box decoder draws from the boxes of its instances (components or watershed), each box grown by
     ``margins`` pixels."""
     from scripts.annotation import BoxPromptedSegmenter
-    from scripts.data import boxes_from_instances, read_instance_map, relabel_sequential
-    from scripts.metrics import aggregated_jaccard_index, dice_iou, instances_from_mask
+    from scripts.data import boxes_from_instances, instances_from_mask, read_instance_map, relabel_sequential
+    from scripts.metrics import aggregated_jaccard_index, dice_iou
     from scripts.networks import load_sam
 
     datalist = Path(datalist)

@@ -3,12 +3,13 @@ the embedded LiteMedSAM weights; a killed run resumes; the MoNuSeg dataset confi
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from conftest import BUNDLE, SAMPLE_CROPS, bundle_workflow
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 from PIL import Image
 
@@ -105,3 +106,26 @@ def test_monuseg_dataset_config_swaps_in_by_merging(prepared_monuseg):
         black = (sample["image"] == 0).all(dim=0).float().mean().item()
         assert black == 0  # the 200x200 labelled patch, zoomed and reflect-padded: none of the black rest
         assert sample["label"].sum() > 0
+
+
+def test_overlays_name_what_they_change_and_survive_a_new_handler():
+    positional = [(path.name, key) for path in CONFIGS.rglob("*.json") for key in json.loads(path.read_text())
+                  if re.search(r"#\d+(#|$)", key)]  # an override like "train#handlers#4#_disabled_"
+    positional += re.findall(r"@[\w#]+\[-?\d*:", "".join(p.read_text() for p in CONFIGS.rglob("*.json")))  # @load[1:]
+    assert positional == []  # no overlay or expression addresses a list element by its position
+
+    # multi_gpu_train.json on a rank other than 0, over a train.json whose handlers a lab has edited: a handler
+    # added in front, the rest reordered. The reporting handlers go, whatever their place; the others stay in order.
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN), str(CONFIGS / "multi_gpu_train.json")])
+    parser["is_rank0"] = False
+    parser["train#handlers"] = [{"_target_": "ignite.handlers.TerminateOnNan"},
+                                {"_target_": "ignite.handlers.ProgressBar"},
+                                {"_target_": "StatsHandler", "iteration_log": False},
+                                {"_target_": "ignite.handlers.Timer"}]
+    kept = parser.get_parsed_content("train#trainer#train_handlers")
+    assert [type(h).__name__ for h in kept] == ["TerminateOnNan", "Timer"]
+    parser["is_rank0"] = True
+    parser.parse()
+    kept = parser.get_parsed_content("train#trainer#train_handlers")
+    assert [type(h).__name__ for h in kept] == ["TerminateOnNan", "ProgressBar", "StatsHandler", "Timer"]

@@ -97,6 +97,8 @@ def test_cache_key_follows_frozen_weights_and_file_bytes_not_trained_weights(tmp
     assert ViewCacheKey(network, recipe)(item) != changed_weights
     decoder_only = AllInSamNet(trainable="decoder")
     assert ViewCacheKey(decoder_only, recipe)(item) != ViewCacheKey(AllInSamNet(trainable="tail"), recipe)(item)
+    two_stages = AllInSamNet(trainable="tail", tail_stages=2)  # its cache holds the input of stage 2
+    assert ViewCacheKey(two_stages, recipe)(item) != ViewCacheKey(AllInSamNet(trainable="tail"), recipe)(item)
 
 
 def test_only_cacheable_networks_build_a_feature_cache():
@@ -104,19 +106,22 @@ def test_only_cacheable_networks_build_a_feature_cache():
         AllInSamNet(trainable="adapter").frozen_features(torch.rand(1, 3, 256, 256))
 
 
-def test_tail_network_gives_the_same_logits_from_cached_features(sample_datalist):
+@pytest.mark.parametrize("tail_stages", [1, 2])
+def test_tail_network_gives_the_same_logits_from_cached_features(tail_stages):
     torch.manual_seed(0)
-    network = AllInSamNet(trainable="tail").eval()
+    network = AllInSamNet(trainable="tail", tail_stages=tail_stages).eval()
     image = torch.rand(2, 3, 256, 256)
     with torch.no_grad():
         whole = network(image)
         reference = network.decode(network.sam.image_encoder(network.sam.preprocess(image * 255)))
-        cached = network.forward_features(network.frozen_features(image).to(torch.bfloat16))
+        features = network.frozen_features(image)
+        cached = network.forward_features(features.to(torch.bfloat16))
+    assert features.shape == (2, 64 * 64, {1: 320, 2: 160}[tail_stages])  # the input of stage 3 / stage 2
     torch.testing.assert_close(whole, reference)
     assert (cached - whole).abs().max() < 0.05 * whole.abs().max()  # bfloat16 storage only
-    trained = {name for name, p in network.named_parameters() if p.requires_grad}
-    assert any(name.startswith("sam.image_encoder.layers.3.") for name in trained)
-    assert not any(name.startswith("sam.image_encoder.layers.2.") for name in trained)
+    trained = {name.split(".")[3] for name, p in network.named_parameters()
+               if p.requires_grad and name.startswith("sam.image_encoder.layers.")}
+    assert trained == {str(3 - k) for k in range(tail_stages)}  # the last stages, no other
 
 
 def _run(seconds_per_iteration: float, budget: TrainingBudget) -> tuple[Engine, list[float], int]:

@@ -9,7 +9,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as sk
 
-from scripts.data import read_instance_map
+from scripts.data import instances_from_mask, read_instance_map
 from scripts.metrics import (
     METRIC_NAMES,
     NucleiMetric,
@@ -18,7 +18,6 @@ from scripts.metrics import (
     best_f1,
     detection_f1_pq,
     dice_iou,
-    instances_from_mask,
     nuclei_metrics,
     recall_precision,
     roc_auc,

@@ -12,7 +12,7 @@ from conftest import CONFIGS, SAMPLE_CROPS, bundle_workflow
 from molecular_labels import THRESHOLD, KnownWarp, evaluate_pair, synthetic
 from PIL import Image
 
-from scripts.annotation import assign_marker_classes, class_map
+from scripts.annotation import assign_marker_classes, class_map, write_marker_labels
 from scripts.data import read_instance_map, read_rgb_image
 from scripts.registration import molecular_labels
 
@@ -66,6 +66,29 @@ def test_marker_classes_take_the_strongest_marker_above_its_threshold():
     assert not classes[instances == 3].any() and not classes[instances == 0].any()
     with pytest.raises(ValueError, match="a threshold per marker"):
         assign_marker_classes(instances, {"podocyte": wt1}, {"mesangial": 50.0})
+
+
+def test_an_interrupted_write_leaves_the_previous_labels_whole(tmp_path, monkeypatch):
+    rgb, nuclei = _crop()
+    marker = {"podocyte": (nuclei % 2).astype(np.float64) * 200}
+    rows = write_marker_labels(tmp_path, CROP, rgb, nuclei, marker, {"podocyte": 100.0})
+    before = (tmp_path / f"{CROP}_nuclei.csv").read_bytes()
+    assert len(before.splitlines()) == len(rows) + 1
+
+    class DiskFull:  # the writer fails after the header: a killed run or a full disk
+        def __init__(self, handle):
+            self.rows = 0
+
+        def writerow(self, row):
+            self.rows += 1
+            if self.rows > 1:
+                raise OSError("No space left on device")
+
+    monkeypatch.setattr("scripts.annotation.marker_classes.csv.writer", DiskFull)
+    with pytest.raises(OSError, match="No space"):
+        write_marker_labels(tmp_path, CROP, rgb, nuclei, {"podocyte": marker["podocyte"] * 0}, {"podocyte": 100.0})
+    assert (tmp_path / f"{CROP}_nuclei.csv").read_bytes() == before  # the previous file, untouched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
 
 
 def test_bundle_workflow_writes_transform_registered_if_and_reviewable_labels(tmp_path):

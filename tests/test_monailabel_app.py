@@ -21,8 +21,7 @@ from conftest import CONFIGS, REPO, SAMPLE_CROPS, bundle_workflow, copy_bundle
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
-from scripts.data import instance_contours, read_instance_map, read_rgb_image
-from scripts.metrics import instances_from_mask
+from scripts.data import instance_contours, instances_from_mask, read_instance_map, read_rgb_image
 
 pytestmark = pytest.mark.slow  # a MONAI Label server and a training through it
 

@@ -16,8 +16,7 @@ from monai.inferers import SimpleInferer
 from PIL import Image
 from scipy import ndimage
 
-from scripts.data import read_rgb_image
-from scripts.metrics import instances_from_mask
+from scripts.data import instances_from_mask, read_rgb_image
 from scripts.wsi import Slide, infer_slide, run_wsi_inference
 
 INFER, WSI = BUNDLE / "configs" / "inference.json", BUNDLE / "configs" / "wsi_inference.json"

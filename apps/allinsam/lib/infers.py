@@ -112,7 +112,7 @@ class AllInSamSegmentation(BundleInferTask):
         """``pred`` (C, H, W) probability -> ``instances`` (H, W) uint16 and ``result`` (contours per class)."""
         mask = np.asarray(data["pred"]) >= float(data["threshold"])
         method = data["instances"]
-        class_instances = {name: self.scripts.metrics.instances_from_mask(mask[channel], method)
+        class_instances = {name: self.scripts.data.instances_from_mask(mask[channel], method)
                            for channel, name in enumerate(self.classes)}
         data["instances"] = merged_instances(class_instances)
         data["result"] = annotation_result(self.scripts, class_instances)

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ..data import instance_contours, write_png_atomic
+from ..data import instance_contours, staged, write_png_atomic
 
 CLASS_COLOURS = [(230, 25, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]  # class 1, 2, ...
 UNASSIGNED_COLOUR = (255, 225, 25)
@@ -71,7 +71,7 @@ def write_marker_labels(output_dir: str | Path, name: str, rgb: np.ndarray, inst
     output.mkdir(parents=True, exist_ok=True)
     classes = list(markers)
     rows = assign_marker_classes(instances, markers, thresholds)
-    with open(output / f"{name}_nuclei.csv", "w", newline="") as handle:
+    with staged(output / f"{name}_nuclei.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "x0", "y0", "x1", "y1", *[f"mean_{c}" for c in classes], "class"])
         for row in rows:

@@ -10,9 +10,16 @@ from .image_io import (
     write_png_atomic,
 )
 from .stain_augmentation import RandHEDJitterd
-from .instances import boxes_from_instances, instance_contours, relabel_sequential
+from .instances import (
+    INSTANCE_METHODS,
+    boxes_from_instances,
+    instance_contours,
+    instances_from_mask,
+    relabel_sequential,
+)
 
 __all__ = [
+    "INSTANCE_METHODS",
     "RandHEDJitterd",
     "SplitClassesd",
     "boxes_from_instances",
@@ -20,6 +27,7 @@ __all__ = [
     "checked_datalist",
     "checked_image_glob",
     "instance_contours",
+    "instances_from_mask",
     "prediction_writers",
     "read_instance_map",
     "read_rgb_image",

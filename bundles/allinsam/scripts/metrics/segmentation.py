@@ -7,10 +7,10 @@ single class (it is undefined there).
 """
 
 import numpy as np
-from scipy import ndimage
+
+from ..data.instances import instances_from_mask
 
 METRIC_NAMES = ("dice", "iou", "auc", "recall", "precision", "best_f1", "adj", "aji", "detection_f1", "pq")
-INSTANCE_METHODS = ("components", "watershed")
 
 
 def dice_iou(prediction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -78,28 +78,6 @@ def adjusted_rand_index(prediction: np.ndarray, truth: np.ndarray) -> float:
     denominator = ((same_both + same_prediction_only) * (same_prediction_only + different_both)
                    + (same_both + same_truth_only) * (same_truth_only + different_both))
     return float(numerator / denominator)
-
-
-def instances_from_mask(mask: np.ndarray, method: str = "components", min_distance: int = 3) -> np.ndarray:
-    """Binary map (H, W) -> instance map (H, W) int32, 0 = background.
-
-    ``components``: 8-connected components. ``watershed``: components split by a watershed on the distance
-    transform from its local maxima at least ``min_distance`` pixels apart (separates touching nuclei).
-    """
-    if method not in INSTANCE_METHODS:
-        raise ValueError(f"instances must be one of {INSTANCE_METHODS}, got {method!r}")
-    mask = np.asarray(mask) > 0
-    components, _ = ndimage.label(mask, structure=np.ones((3, 3)))
-    if method == "components":
-        return components.astype(np.int32)
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
-
-    distance = ndimage.distance_transform_edt(mask)
-    peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
-    markers = np.zeros(mask.shape, dtype=np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return watershed(-distance, markers, mask=mask).astype(np.int32)
 
 
 def _instance_overlaps(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

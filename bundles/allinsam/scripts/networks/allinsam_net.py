@@ -43,6 +43,8 @@ class AllInSamNet(nn.Module):
             ``tail`` (no adapter; the encoder's last stage and neck + mask decoder + no-mask embedding, see
             ``encoder_tail``), ``decoder`` (no adapter; mask decoder + no-mask embedding) or ``full`` (everything,
             with the adapter). With ``tail`` and ``decoder`` the frozen part's output can be cached per view.
+        tail_stages: how many of the encoder's last stages ``tail`` trains (see ``encoder_tail``); every value
+            builds the same network, so a checkpoint loads whatever it was trained with.
         out_channels: C, one binary mask per class, read from the decoder's first C mask tokens (at most 4).
         freq_rate: share of the spectrum's area removed as low frequencies for the handcrafted feature.
         scale_factor: adapter width = encoder width // scale_factor.
@@ -53,7 +55,7 @@ class AllInSamNet(nn.Module):
     def __init__(self, backbone: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
                  pretrained: bool = True, image_size: int = 1024, trainable: str = "adapter", out_channels: int = 1,
                  freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None,
-                 inference_precision: str = "float32"):
+                 inference_precision: str = "float32", tail_stages: int = 1):
         super().__init__()
         if trainable not in TRAINABLE_CHOICES:
             raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {trainable!r}")
@@ -65,11 +67,12 @@ class AllInSamNet(nn.Module):
         if not 1 <= out_channels <= tokens:
             raise ValueError(f"out_channels must be 1..{tokens} (the decoder's mask tokens), got {out_channels}")
         self.sam, self.backbone, self.trainable, self.out_channels = sam, backbone, trainable, out_channels
+        self.tail_stages = tail_stages
         self.frozen_encoder = [sam.image_encoder]  # the SAM's own encoder (a list: not registered a second time)
         for parameter in sam.image_encoder.parameters():
             parameter.requires_grad = trainable == "full"
         if trainable == "tail":
-            for module in tail_modules(sam.image_encoder):
+            for module in tail_modules(sam.image_encoder, tail_stages):
                 module.requires_grad_(True)
         if trainable in ("adapter", "full"):
             sam.image_encoder = adapt_encoder(sam.image_encoder, freq_rate, scale_factor)
@@ -77,7 +80,8 @@ class AllInSamNet(nn.Module):
             parameter.requires_grad = False
         sam.prompt_encoder.no_mask_embed.weight.requires_grad = True
         trained, total = self.parameter_counts()
-        logger.info(f"AllInSamNet({backbone}, trainable={trainable}): {trained:,} of {total:,} parameters trainable")
+        recipe = f"trainable={trainable}" + (f", tail_stages={tail_stages}" if trainable == "tail" else "")
+        logger.info(f"AllInSamNet({backbone}, {recipe}): {trained:,} of {total:,} parameters trainable")
 
     @property
     def image_size(self) -> int:
@@ -139,13 +143,16 @@ class AllInSamNet(nn.Module):
 
     def frozen_features(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) RGB in [0, 1] -> the output of the frozen part (no gradient): for ``tail`` the tokens
-        entering the encoder's tail (LiteMedSAM: (B, 4096, 320)), for ``decoder`` the (B, 256, E, E) embedding."""
+        entering the encoder's tail (LiteMedSAM: (B, 4096, 320) with one tail stage, (B, 4096, 160) with two), for
+        ``decoder`` the (B, 256, E, E) embedding."""
         if not self.cacheable:
             raise ValueError(f"trainable={self.trainable!r} trains the whole encoder path: nothing to cache")
         self._check_image(image)
         with torch.no_grad():
-            tokens = encoder_prefix(self.sam.image_encoder, self.sam.preprocess(image * 255.0))
-            return encoder_tail(self.sam.image_encoder, tokens) if self.trainable == "decoder" else tokens
+            tokens = encoder_prefix(self.sam.image_encoder, self.sam.preprocess(image * 255.0), self.tail_stages)
+            if self.trainable == "decoder":
+                return encoder_tail(self.sam.image_encoder, tokens, self.tail_stages)
+            return tokens
 
     def forward_features(self, features: torch.Tensor, return_features: bool = False
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +168,9 @@ class AllInSamNet(nn.Module):
 
     def _embed_features(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
-        return encoder_tail(self.sam.image_encoder, features) if self.trainable == "tail" else features
+        if self.trainable == "tail":
+            return encoder_tail(self.sam.image_encoder, features, self.tail_stages)
+        return features
 
     def _check_image(self, image: torch.Tensor) -> None:
         size = self.image_size

@@ -10,7 +10,7 @@ import numpy as np
 import tifffile
 
 from ..annotation.marker_classes import write_marker_labels
-from ..data import read_instance_map, read_rgb_image, write_json_atomic
+from ..data import read_instance_map, read_rgb_image, staged, write_json_atomic
 from .itk_registration import nuclear_channel, register, resample
 
 logger = logging.getLogger(__name__)
@@ -50,10 +50,11 @@ def molecular_labels(pas_image: str, if_image: str, instances: str, output_dir: 
     output.mkdir(parents=True, exist_ok=True)
     fitted = register(nuclear_channel(rgb), fluorescence[registration_channel].astype(np.float32), transform,
                       bspline_mesh, max_size)
-    itk.transformwrite([fitted.transform], str(output / f"{name}_if_to_pas.tfm"))
+    with staged(output / f"{name}_if_to_pas.tfm") as tmp:
+        itk.transformwrite([fitted.transform], str(tmp))
     registered = np.stack([resample(channel.astype(np.float32), fitted, rgb.shape[:2]) for channel in fluorescence])
-    tifffile.imwrite(output / f"{name}_if_registered.tif", registered.astype(fluorescence.dtype),
-                     photometric="minisblack")
+    with staged(output / f"{name}_if_registered.tif") as tmp:
+        tifffile.imwrite(tmp, registered.astype(fluorescence.dtype), photometric="minisblack")
     rows = write_marker_labels(output, name, rgb, nuclei, {c: registered[i] for c, i in markers.items()}, thresholds)
     report = {"pas_image": str(pas_image), "if_image": str(if_image), "transform": transform,
               "bspline_mesh": bspline_mesh, "mutual_information_before": round(fitted.metric_before, 4),

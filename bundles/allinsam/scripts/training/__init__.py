@@ -8,7 +8,7 @@ from .checkpoints import (
     resume_from_last_checkpoint,
     resume_or_start_from,
 )
-from .distributed import init_distributed
+from .distributed import handlers_of_rank, init_distributed
 from .feature_cache import (
     AugmentedViewd,
     FrozenFeaturesd,
@@ -21,6 +21,7 @@ from .feature_cache import (
 )
 
 __all__ = [
+    "handlers_of_rank",
     "AugmentedViewd",
     "FrozenFeaturesd",
     "TrainingBudget",

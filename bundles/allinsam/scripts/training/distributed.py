@@ -1,9 +1,15 @@
 """torchrun set-up for ``configs/multi_gpu_train.json``."""
 
 import os
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from ignite.handlers import ProgressBar
+from monai.handlers import StatsHandler, TensorBoardStatsHandler
+
+# what only rank 0 attaches: every rank would repeat the same log lines, event records and progress bar
+REPORTING_HANDLERS = (StatsHandler, TensorBoardStatsHandler, ProgressBar)
 
 
 def init_distributed() -> torch.device:
@@ -22,3 +28,9 @@ def init_distributed() -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def handlers_of_rank(handlers: Sequence, is_rank0: bool) -> list:
+    """The handlers a rank attaches: all on rank 0, the others without ``REPORTING_HANDLERS``. Chosen by kind, so an
+    overlay keeps working when a handler is added to ``train.json``."""
+    return list(handlers) if is_rank0 else [h for h in handlers if not isinstance(h, REPORTING_HANDLERS)]

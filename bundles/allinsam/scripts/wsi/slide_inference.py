@@ -24,8 +24,7 @@ from monai.handlers import CheckpointLoader
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..data import instance_contours, staged, write_json_atomic
-from ..metrics import instances_from_mask
+from ..data import instance_contours, instances_from_mask, staged, write_json_atomic
 from .outputs import GeoJsonDetections, InstanceTiff
 from .reading import Slide
 from .tissue import tissue_mask, tissue_tiles
