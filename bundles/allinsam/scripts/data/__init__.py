@@ -9,6 +9,7 @@ from .image_io import (
     write_json_atomic,
     write_png_atomic,
 )
+from .prepare import prepare_dataset, prepared_datalist
 from .stain_augmentation import RandHEDJitterd
 from .instances import (
     INSTANCE_METHODS,
@@ -29,6 +30,8 @@ __all__ = [
     "instance_contours",
     "instances_from_mask",
     "prediction_writers",
+    "prepare_dataset",
+    "prepared_datalist",
     "read_instance_map",
     "read_rgb_image",
     "read_xml_polygons",
