@@ -224,3 +224,43 @@ def test_instance_contours_draw_back_to_their_nuclei():
             truth, redrawn = instances == nucleus, drawn == index + 1
             ious.append((truth & redrawn).sum() / (truth | redrawn).sum())
     assert len(ious) > 150 and np.mean(ious) > 0.98 and np.percentile(ious, 5) > 0.95
+
+
+# --- a lab's plain folder: images/ + instances/ --------------------------------------------------------------------
+
+
+def test_folder_layout_reads_geojson_polygons_and_instance_maps_and_names_unpaired_files(tmp_path):
+    from scripts.data.prepare import prepare_dataset
+
+    datalist = json.loads((SAMPLE_CROPS / "datalist.json").read_text())
+    entries = [entry for split in ("training", "validation", "test") for entry in datalist[split]]
+    (tmp_path / "lab" / "images").mkdir(parents=True)
+    (tmp_path / "lab" / "instances").mkdir()
+    truths = {}
+    for index, entry in enumerate(entries):
+        name = entry["image"].split("/")[-1][: -len(".png")]
+        shutil.copy(SAMPLE_CROPS / entry["image"], tmp_path / "lab" / "images" / f"{name}.png")
+        truths[name] = read_instance_map(SAMPLE_CROPS / entry["instances"])
+        if index % 2:  # QuPath export: one Polygon feature per nucleus, (x, y) vertices
+            features = [{"type": "Feature", "properties": {"objectType": "detection"},
+                         "geometry": {"type": "Polygon", "coordinates": [contour]}}
+                        for contour in instance_contours(truths[name]).values()]
+            features.append({"type": "Feature", "geometry": None})  # QuPath writes these for empty objects
+            (tmp_path / "lab" / "instances" / f"{name}.geojson").write_text(
+                json.dumps({"type": "FeatureCollection", "features": features}))
+        else:
+            shutil.copy(SAMPLE_CROPS / entry["instances"], tmp_path / "lab" / "instances" / f"{name}.png")
+
+    report = prepare_dataset(str(tmp_path / "lab"), str(tmp_path / "out"), layout="folder", fractions=("all",))
+    assert [report["splits"][s]["images"] for s in ("training", "validation", "test")] == [3, 1, 1]
+    for name, truth in truths.items():
+        prepared = _read(tmp_path / "out" / "cases" / "instances" / f"{name}.png")
+        dice = (2 * np.count_nonzero((prepared > 0) & (truth > 0))
+                / (np.count_nonzero(prepared) + np.count_nonzero(truth)))
+        assert dice > 0.9 and abs(int(prepared.max()) - int(truth.max())) <= 2, name
+
+    (tmp_path / "lab" / "images" / "orphan.png").write_bytes((tmp_path / "lab" / "images" / f"{name}.png").read_bytes())
+    with pytest.raises(ValueError, match=r"without a partner .*orphan"):
+        prepare_dataset(str(tmp_path / "lab"), str(tmp_path / "out2"), layout="folder")
+    with pytest.raises(ValueError, match="no source folder given"):
+        prepare_dataset(None, str(tmp_path / "out3"))

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,6 +64,18 @@ def validate_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarr
         skipped.append({"index": index, "box": box.tolist(), "reason": reason})
         clipped[index] = np.nan
     return clipped, skipped
+
+
+class PromptRegions(NamedTuple):
+    """One image's prompts, checked (``BoxPromptedSegmenter._prompt_regions``); K = boxes + points."""
+
+    regions: np.ndarray  # (K, 4) [x0, y0, x1, y1] image pixels, NaN for a skipped prompt
+    clip_regions: np.ndarray  # (K, 4) where each mask may be pasted
+    decode_as_point: np.ndarray  # (K,) bool: decoded with a point prompt
+    valid: np.ndarray  # indices of the prompts that are decoded
+    skipped: list[dict]  # the prompts left out, and why
+    boxes_total: int
+    points_total: int
 
 
 class BoxPromptedSegmenter:
@@ -171,6 +184,34 @@ class BoxPromptedSegmenter:
         mask logit (the lower id on ties). The report lists what was used and what was skipped, and why.
         """
         height, width = image.shape[:2]
+        prompts = self._prompt_regions(boxes, points, height, width)
+        windows, home = self._home_windows(prompts.regions[prompts.valid], height, width)
+        instances = np.zeros((height, width), dtype=np.uint16)
+        best_logit = np.full((height, width), -np.inf, dtype=np.float32)
+        decoder_calls = 0
+        progress = tqdm(total=len(prompts.valid), desc="decode", unit="prompt", leave=False,
+                        disable=len(prompts.valid) < 1000)
+        for window_index, origin in enumerate(windows):
+            members = prompts.valid[home == window_index]
+            if len(members):
+                decoder_calls += self._decode_window(image, origin, members, prompts, instances, best_logit, progress)
+        progress.close()
+
+        found = set(np.unique(instances[instances > 0]).astype(int) - 1)
+        empty = [int(i) for i in prompts.valid if i not in found]
+        report = {
+            "boxes_total": prompts.boxes_total,
+            "points_total": prompts.points_total,
+            "prompts_used": len(found),
+            "prompts_skipped": prompts.skipped + [{"index": i, "reason": "SAM returned an empty mask"} for i in empty],
+            "windows_encoded": int(len(np.unique(home))),
+            "decoder_calls": decoder_calls,
+        }
+        return instances, report
+
+    def _prompt_regions(self, boxes: np.ndarray, points: np.ndarray | None, height: int, width: int) -> PromptRegions:
+        """Checked prompts as regions in image pixels: boxes as given, points as ``point_box`` squares; NaN rows for
+        skipped prompts (reported in ``skipped``)."""
         points = np.empty((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
         check_prompt_count(len(np.asarray(boxes).reshape(-1, 4)) + len(points))
         boxes, skipped = validate_boxes(boxes, height, width)
@@ -180,61 +221,48 @@ class BoxPromptedSegmenter:
         half = self.point_box / 2
         regions = np.concatenate([boxes, np.where(inside[:, None], np.hstack([points - half, points + half]), np.nan)])
         is_point = np.arange(len(regions)) >= len(boxes)
-        decode_as_point = is_point & (not self.sam.box_prompts_only)
         # where each mask may go: a point's square; a box grown by clip_margin, or the whole image
         clip_regions = regions.copy()
         if self.clip_margin is None:
             clip_regions[~is_point] = [0, 0, width, height]
         else:
             clip_regions[~is_point] += [-self.clip_margin, -self.clip_margin, self.clip_margin, self.clip_margin]
-        valid = np.flatnonzero(np.isfinite(regions[:, 0]))
+        return PromptRegions(regions, clip_regions, is_point & (not self.sam.box_prompts_only),
+                             np.flatnonzero(np.isfinite(regions[:, 0])), skipped, int(len(boxes)), int(len(points)))
 
+    def _home_windows(self, regions: np.ndarray, height: int, width: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """The windows (top, left) covering the image, and for each region (K, 4) the index of the window where its
+        centre is farthest from the border."""
         windows = [(y, x) for y in tile_starts(height, self.window, self.stride)
                    for x in tile_starts(width, self.window, self.stride)]
+        if not len(regions):
+            return windows, np.zeros(0, int)
         origins = np.array(windows, dtype=np.float64).reshape(-1, 2)
-        centres = np.stack([(regions[valid, 1] + regions[valid, 3]) / 2,
-                            (regions[valid, 0] + regions[valid, 2]) / 2], 1)
+        centres = np.stack([(regions[:, 1] + regions[:, 3]) / 2, (regions[:, 0] + regions[:, 2]) / 2], 1)
         offsets = centres[:, None, :] - origins[None]
-        home = np.minimum(offsets, self.window - offsets).min(axis=2).argmax(axis=1) if len(valid) else np.zeros(0, int)
+        return windows, np.minimum(offsets, self.window - offsets).min(axis=2).argmax(axis=1)
 
-        instances = np.zeros((height, width), dtype=np.uint16)
-        best_logit = np.full((height, width), -np.inf, dtype=np.float32)
-        decoder_calls = 0
-        progress = tqdm(total=len(valid), desc="decode", unit="prompt", leave=False, disable=len(valid) < 1000)
-        for window_index, (y0, x0) in enumerate(windows):
-            members = valid[home == window_index]
-            if len(members) == 0:
-                continue
-            embeddings = self._encode(image[y0 : y0 + self.window, x0 : x0 + self.window])
-            encoder_boxes = (regions[members] - [x0, y0, x0, y0]) * self.scale
-            groups: dict[tuple, list[int]] = {}
-            for row, (member, box) in enumerate(zip(members, encoder_boxes)):
-                groups.setdefault((bool(decode_as_point[member]), *self._crop_of(box)), []).append(row)
-            batches = [(key, rows[start : start + DECODER_BATCH]) for key, rows in groups.items()
-                       for start in range(0, len(rows), DECODER_BATCH)]
-            for (point_group, *crop), rows in batches:
-                prompt = torch.as_tensor(encoder_boxes[rows], dtype=torch.float32, device=self.device)
-                box_prompt, point_prompt = ((None, (prompt[:, :2] + prompt[:, 2:]) / 2) if point_group
-                                            else (prompt, None))
-                logits = self._decode(embeddings[0], tuple(crop), box_prompt, point_prompt)
-                if self.flip:
-                    logits = (logits + self._decode_flipped(embeddings[1], tuple(crop), box_prompt, point_prompt)) / 2
-                decoder_calls += 1 + self.flip
-                self._paste(logits, tuple(crop), (y0, x0), members[rows], clip_regions, instances, best_logit)
-                progress.update(len(rows))
-        progress.close()
-
-        found = set(np.unique(instances[instances > 0]).astype(int) - 1)
-        empty = [int(i) for i in valid if i not in found]
-        report = {
-            "boxes_total": int(len(boxes)),
-            "points_total": int(len(points)),
-            "prompts_used": len(found),
-            "prompts_skipped": skipped + [{"index": i, "reason": "SAM returned an empty mask"} for i in empty],
-            "windows_encoded": int(len(np.unique(home))),
-            "decoder_calls": decoder_calls,
-        }
-        return instances, report
+    def _decode_window(self, image: np.ndarray, origin: tuple[int, int], members: np.ndarray,
+                       prompts: PromptRegions, instances: np.ndarray, best_logit: np.ndarray, progress) -> int:
+        """Encode one window and decode its ``members`` (prompt indices) in batches of at most ``DECODER_BATCH``
+        sharing a crop, pasting their masks; returns the decoder calls made."""
+        y0, x0 = origin
+        embeddings = self._encode(image[y0 : y0 + self.window, x0 : x0 + self.window])
+        encoder_boxes = (prompts.regions[members] - [x0, y0, x0, y0]) * self.scale
+        groups: dict[tuple, list[int]] = {}
+        for row, (member, box) in enumerate(zip(members, encoder_boxes)):
+            groups.setdefault((bool(prompts.decode_as_point[member]), *self._crop_of(box)), []).append(row)
+        batches = [(key, rows[start : start + DECODER_BATCH]) for key, rows in groups.items()
+                   for start in range(0, len(rows), DECODER_BATCH)]
+        for (point_group, *crop), rows in batches:
+            prompt = torch.as_tensor(encoder_boxes[rows], dtype=torch.float32, device=self.device)
+            box_prompt, point_prompt = (None, (prompt[:, :2] + prompt[:, 2:]) / 2) if point_group else (prompt, None)
+            logits = self._decode(embeddings[0], tuple(crop), box_prompt, point_prompt)
+            if self.flip:
+                logits = (logits + self._decode_flipped(embeddings[1], tuple(crop), box_prompt, point_prompt)) / 2
+            self._paste(logits, tuple(crop), origin, members[rows], prompts.clip_regions, instances, best_logit)
+            progress.update(len(rows))
+        return len(batches) * (1 + self.flip)
 
     def _paste(self, logits: torch.Tensor, crop: tuple[int, int, int], window_origin: tuple[int, int],
                prompt_ids: np.ndarray, clip_regions: np.ndarray, instances: np.ndarray, best_logit: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from glob import glob
 from pathlib import Path
 
@@ -49,109 +49,149 @@ def predict_tile(network: torch.nn.Module, inferer, image: np.ndarray, device: t
         return torch.sigmoid(inferer(batch, network))[0].float().cpu().numpy()
 
 
+@dataclass(frozen=True)
+class SlideOptions:
+    """How a slide is read, tiled and stitched (``wsi_inference.json``'s ``wsi_options``).
+
+    ``tile_size`` / ``tile_halo``: level-0 px of a tile's cell and of the margin read around it; ``backend``:
+    ``Slide``'s reader; ``tissue_*``: ``tissue_mask`` on the thumbnail of ``tissue_level``; ``threshold`` as
+    inference.json's; instances under ``min_area`` px are dropped; ``write_nifti`` adds ``<name>_instances.nii.gz``.
+    """
+
+    classes: tuple[str, ...] = ("nucleus",)
+    threshold: float = 0.5
+    tile_size: int = 1024
+    tile_halo: int = 64
+    backend: str = "tifffile"
+    tissue_level: int = -1
+    tissue_brightness: float = 220
+    tissue_saturation: float = 0.05
+    instance_method: str = "components"
+    min_area: int = 8
+    write_nifti: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.tile_halo < 1 or self.tile_size < 1:
+            raise ValueError(f"tile_size and tile_halo must be positive, got {self.tile_size} and {self.tile_halo}")
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+
+class SlideStitcher:
+    """The nuclei of a slide's tiles, written into one instance map and one GeoJSON, each nucleus once: by the tile
+    whose cell holds its centroid. Owns the counts of what it wrote (``counts``)."""
+
+    def __init__(self, labels: InstanceTiff, features: GeoJsonDetections, shape: tuple[int, int],
+                 options: SlideOptions):
+        self.labels, self.features, self.shape, self.options = labels, features, shape, options
+        self.instances, self.duplicates, self.cut = 0, 0, 0
+        self.per_class = dict.fromkeys(options.classes, 0)
+
+    def counts(self) -> dict:
+        return {"instances": self.instances, "instances_per_class": dict(self.per_class),
+                "duplicates": self.duplicates, "cut": self.cut}
+
+    def add(self, mask: np.ndarray, channel: int, cell: tuple[int, int], box: tuple[int, int, int, int]) -> None:
+        """Write the instances of one tile's binary ``mask`` (h, w) (level-0 pixels ``box`` = (top, left, bottom,
+        right)) whose centroid lies in the tile's ``cell`` (y, x)."""
+        top, left, bottom, right = box
+        tile_size, (height, width) = self.options.tile_size, self.shape
+        instances = instances_from_mask(mask, self.options.instance_method)
+        band = self.labels.band(channel, top, bottom)
+        written = band[:, left:right]
+        kept, ids = np.zeros_like(instances), []  # kept: local ids 1..len(ids); ids: their slide-wide ids
+        for index, found in enumerate(ndimage.find_objects(instances)):
+            if found is None:
+                continue
+            rows, cols = np.nonzero(instances[found] == index + 1)
+            if rows.size < self.options.min_area:
+                continue
+            centroid_y = (int(rows.sum()) + rows.size * (found[0].start + top)) // rows.size
+            centroid_x = (int(cols.sum()) + cols.size * (found[1].start + left)) // cols.size
+            if not (cell[0] <= centroid_y < cell[0] + tile_size and cell[1] <= centroid_x < cell[1] + tile_size):
+                continue
+            pixels = (rows + found[0].start, cols + found[1].start)
+            if written[pixels].any():
+                self.duplicates += 1
+                continue
+            edges = ((found[0].start == 0 and top > 0) or (found[0].stop == mask.shape[0] and bottom < height)
+                     or (found[1].start == 0 and left > 0) or (found[1].stop == mask.shape[1] and right < width))
+            self.cut += int(edges)
+            self.instances += 1
+            self.per_class[self.options.classes[channel]] += 1
+            ids.append(self.instances)
+            kept[pixels] = len(ids)
+            written[pixels] = self.instances
+        for local_id, contour in instance_contours(kept).items():
+            self.features.add([[px + left, py + top] for px, py in contour], channel, ids[local_id - 1])
+        del written, band
+
+
 def infer_slide(slide_path: str | os.PathLike, network: torch.nn.Module, inferer, output_dir: str | os.PathLike,
-                classes: Sequence[str] = ("nucleus",), threshold: float = 0.5, tile_size: int = 1024,
-                tile_halo: int = 64, backend: str = "tifffile", tissue_level: int = -1,
-                tissue_brightness: float = 220, tissue_saturation: float = 0.05, instance_method: str = "components",
-                min_area: int = 8, write_nifti: bool = False, device: torch.device | str = "cpu",
-                progress: bool = True) -> dict:
+                options: SlideOptions | None = None, device: torch.device | str = "cpu", **settings) -> dict:
     """Segment the nuclei of one slide; ``network`` maps (B, 3, h, w) in [0, 1] to logits (B, C, h, w) through
-    ``inferer`` (the bundle's SlidingWindowInferer, whose ``sw_batch_size`` batches the windows).
+    ``inferer`` (the bundle's SlidingWindowInferer, whose ``sw_batch_size`` batches the windows). ``options``
+    (or ``SlideOptions`` fields as keywords) say how the slide is tiled and stitched.
 
     Writes, committed together only when the whole slide succeeded, into ``output_dir``:
     ``<name>.geojson`` (QuPath detections, level-0 pixels), ``<name>_instances.tif`` (uint32 (C, H, W) ids,
     GeoJSON ``instance_id``s), ``<name>_instances.nii.gz`` with ``write_nifti`` and ``<name>_summary.json``
-    (the returned counts). Instances under ``min_area`` px are dropped; ``threshold`` as inference.json's.
+    (the returned counts).
     """
-    if tile_halo < 1 or tile_size < 1:
-        raise ValueError(f"tile_size and tile_halo must be positive, got {tile_size} and {tile_halo}")
+    options = replace(options or SlideOptions(), **settings)
     network.eval()
     output_dir = Path(output_dir)
     name = Path(slide_path).name.rsplit(".", 1)[0]
     started = time.perf_counter()
-    with Slide(slide_path, backend) as slide:
-        thumbnail, downsample = slide.thumbnail(tissue_level)
-        tissue = tissue_mask(thumbnail, tissue_brightness, tissue_saturation)
-        tiles, grid = tissue_tiles(tissue, downsample, slide.shape, tile_size)
+    with Slide(slide_path, options.backend) as slide:
+        thumbnail, downsample = slide.thumbnail(options.tissue_level)
+        tissue = tissue_mask(thumbnail, options.tissue_brightness, options.tissue_saturation)
+        tiles, grid = tissue_tiles(tissue, downsample, slide.shape, options.tile_size)
         height, width = slide.shape
-        counts = {"slide": str(slide_path), "shape": [height, width], "tile_size": tile_size, "tile_halo": tile_halo,
-                  "tiles_in_grid": grid, "tissue_tiles": len(tiles), "tiles_run": [], "instances": 0,
-                  "instances_per_class": dict.fromkeys(classes, 0), "duplicates": 0, "cut": 0}
         outputs = {"geojson": output_dir / f"{name}.geojson", "tiff": output_dir / f"{name}_instances.tif"}
-        if write_nifti:
+        if options.write_nifti:
             outputs["nifti"] = output_dir / f"{name}_instances.nii.gz"
         output_dir.mkdir(parents=True, exist_ok=True)
+        tiles_run = []
         with (staged(outputs["geojson"]) as geojson_tmp, staged(outputs["tiff"]) as tiff_tmp,
               tempfile.TemporaryDirectory(dir=output_dir, prefix=f".{name}.scratch.") as scratch):
-            labels = InstanceTiff(Path(scratch) / "instances.tif", (len(classes), height, width))
-            features = GeoJsonDetections(geojson_tmp, list(classes))
+            labels = InstanceTiff(Path(scratch) / "instances.tif", (len(options.classes), height, width))
+            stitcher = SlideStitcher(labels, GeoJsonDetections(geojson_tmp, list(options.classes)), slide.shape,
+                                     options)
             try:
-                bar = tqdm(tiles, desc=f"{name}: tiles", unit="tile", disable=not progress, dynamic_ncols=True)
+                bar = tqdm(tiles, desc=f"{name}: tiles", unit="tile", disable=not options.progress,
+                           dynamic_ncols=True)
                 for y, x in bar:
-                    box = (max(y - tile_halo, 0), max(x - tile_halo, 0),
-                           min(y + tile_size + tile_halo, height), min(x + tile_size + tile_halo, width))
-                    image = slide.region(box[0], box[1], box[2] - box[0], box[3] - box[1])
-                    probability = predict_tile(network, inferer, image, device)
-                    for channel in range(len(classes)):
-                        _stitch(probability[channel] >= threshold, channel, (y, x), box, tile_size, slide.shape,
-                                instance_method, min_area, labels, features, counts, classes[channel])
-                    counts["tiles_run"].append([y, x])
-                    bar.set_postfix(nuclei=counts["instances"], refresh=False)
+                    halo = options.tile_halo
+                    box = (max(y - halo, 0), max(x - halo, 0), min(y + options.tile_size + halo, height),
+                           min(x + options.tile_size + halo, width))
+                    probability = predict_tile(network, inferer, slide.region(box[0], box[1], box[2] - box[0],
+                                                                              box[3] - box[1]), device)
+                    for channel in range(len(options.classes)):
+                        stitcher.add(probability[channel] >= options.threshold, channel, (y, x), box)
+                    tiles_run.append([y, x])
+                    bar.set_postfix(nuclei=stitcher.instances, refresh=False)
             finally:
-                features.close()
+                stitcher.features.close()
             labels.write_tiled(tiff_tmp)
-            if write_nifti:
+            if options.write_nifti:
                 with staged(outputs["nifti"]) as nifti_tmp:
                     labels.write_nifti(nifti_tmp)
     seconds = time.perf_counter() - started
-    counts.update(seconds=round(seconds, 2), tiles_per_s=round(len(tiles) / seconds, 3),
-                  outputs={key: str(path) for key, path in outputs.items()})
+    counts = {"slide": str(slide_path), "shape": [height, width], "tile_size": options.tile_size,
+              "tile_halo": options.tile_halo, "tiles_in_grid": grid, "tissue_tiles": len(tiles),
+              "tiles_run": tiles_run, **stitcher.counts(), "seconds": round(seconds, 2),
+              "tiles_per_s": round(len(tiles) / seconds, 3), "outputs": {k: str(v) for k, v in outputs.items()}}
     if counts["cut"]:
-        logger.warning(f"{slide_path}: {counts['cut']} nuclei reach past tile_halo={tile_halo} px and may be cut; "
-                       f"raise tile_halo")
+        logger.warning(f"{slide_path}: {counts['cut']} nuclei reach past tile_halo={options.tile_halo} px and may be "
+                       f"cut; raise tile_halo")
     write_json_atomic(output_dir / f"{name}_summary.json", counts)
     return counts
 
 
-def _stitch(mask: np.ndarray, channel: int, cell: tuple[int, int], box: tuple[int, int, int, int], tile_size: int,
-            shape: tuple[int, int], instance_method: str, min_area: int, labels: InstanceTiff,
-            features: GeoJsonDetections, counts: dict, class_name: str) -> None:
-    """Write the instances of one tile's binary ``mask`` (h, w) (level-0 pixels ``box`` = (top, left, bottom,
-    right)) whose centroid lies in the tile's ``cell`` (y, x) of side ``tile_size``."""
-    top, left, bottom, right = box
-    instances = instances_from_mask(mask, instance_method)
-    band = labels.band(channel, top, bottom)
-    written = band[:, left:right]
-    kept, ids = np.zeros_like(instances), []  # kept: local ids 1..len(ids); ids: their slide-wide ids
-    for index, found in enumerate(ndimage.find_objects(instances)):
-        if found is None:
-            continue
-        rows, cols = np.nonzero(instances[found] == index + 1)
-        if rows.size < min_area:
-            continue
-        centroid_y = (int(rows.sum()) + rows.size * (found[0].start + top)) // rows.size
-        centroid_x = (int(cols.sum()) + cols.size * (found[1].start + left)) // cols.size
-        if not (cell[0] <= centroid_y < cell[0] + tile_size and cell[1] <= centroid_x < cell[1] + tile_size):
-            continue
-        pixels = (rows + found[0].start, cols + found[1].start)
-        if written[pixels].any():
-            counts["duplicates"] += 1
-            continue
-        edges = ((found[0].start == 0 and top > 0) or (found[0].stop == mask.shape[0] and bottom < shape[0])
-                 or (found[1].start == 0 and left > 0) or (found[1].stop == mask.shape[1] and right < shape[1]))
-        counts["cut"] += int(edges)
-        counts["instances"] += 1
-        counts["instances_per_class"][class_name] += 1
-        ids.append(counts["instances"])
-        kept[pixels] = len(ids)
-        written[pixels] = counts["instances"]
-    for local_id, contour in instance_contours(kept).items():
-        features.add([[px + left, py + top] for px, py in contour], channel, ids[local_id - 1])
-    del written, band
-
-
 def run_wsi_inference(slide_glob: str | None, network: torch.nn.Module, inferer, ckpt_path: str | os.PathLike,
-                      output_dir: str | os.PathLike, device: torch.device | str = "cpu", **options) -> list[dict]:
+                      output_dir: str | os.PathLike, options: SlideOptions | None = None,
+                      device: torch.device | str = "cpu") -> list[dict]:
     """Load ``ckpt_path`` into ``network`` and run ``infer_slide`` (``options``) on every slide matching
     ``slide_glob``, in sorted order; returns their summaries."""
     if not slide_glob:
@@ -160,4 +200,4 @@ def run_wsi_inference(slide_glob: str | None, network: torch.nn.Module, inferer,
     if not paths:
         raise FileNotFoundError(f"{slide_glob}: no slide matches slide_glob")
     load_checkpoint(network, ckpt_path, device)
-    return [infer_slide(path, network, inferer, output_dir, device=device, **options) for path in paths]
+    return [infer_slide(path, network, inferer, output_dir, options, device) for path in paths]
