@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import read_xml_polygons
+from ..data.geojson import geojson_geometries
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,9 @@ def _from_coco(content: dict, image_name: str | None) -> Prompts:
     return Prompts.of(boxes)
 
 
-def _geometries(content) -> list[dict | None]:
-    """The geometry of each feature (None where a feature has none)."""
-    features = content if isinstance(content, list) else content.get("features", [content])
-    return [feature.get("geometry") if feature.get("type") == "Feature" else feature for feature in features]
-
-
 def _from_geojson(content, source: Path) -> Prompts:
     boxes, points, empty = [], [], []
-    for index, geometry in enumerate(_geometries(content)):
+    for index, geometry in enumerate(geojson_geometries(content)):
         if geometry is None:
             empty.append(index)
             continue

@@ -60,9 +60,11 @@ def make_weak_labels(datalist: str | os.PathLike, segmenter: BoxPromptedSegmente
                                                       "loosen": loosen, "seed": seed, **settings, **(notes or {})})
     dices = []
     for split in splits:
-        weak[split] = [_weak_entry(entry, base, output, patches) for entry in content[split]]
-        dices += [dice_iou(read_instance_map(base / new["instances"]),
-                           read_instance_map(truths[Path(new["image"]).stem]))[0] for new in weak[split]]
+        weak[split] = []
+        for entry in content[split]:
+            new, instances = _weak_entry(entry, base, output, patches)
+            weak[split].append(new)
+            dices.append(dice_iou(instances, read_instance_map(truths[Path(entry["image"]).stem]))[0])
     weak_path = base / f"datalist_{tag}.json"
     write_json_atomic(weak_path, weak)
     logger.info(f"{weak_path}: {len(dices)} images with pseudo masks, Dice against the labels they replace "
@@ -70,8 +72,9 @@ def make_weak_labels(datalist: str | os.PathLike, segmenter: BoxPromptedSegmente
     return str(weak_path)
 
 
-def _weak_entry(entry: dict, base: Path, output: Path, patches: dict) -> dict:
-    """Write one image's pseudo label and instance map (cut to its labelled patch, if any); its new entry."""
+def _weak_entry(entry: dict, base: Path, output: Path, patches: dict) -> tuple[dict, np.ndarray]:
+    """Write one image's pseudo label and instance map (cut to its labelled patch, if any); its new entry and the
+    instance map (H, W)."""
     name = Path(entry["image"]).stem
     instances = read_instance_map(output / "sam_output" / f"{name}_instances.png")
     if name in patches:
@@ -85,4 +88,4 @@ def _weak_entry(entry: dict, base: Path, output: Path, patches: dict) -> dict:
     write_png_atomic(paths["instances"], instances)
     return dict(entry, label=str(paths["labels"].relative_to(base)),
                 instances=str(paths["instances"].relative_to(base)),
-                boxes=str((output / "prompts" / f"{name}.json").relative_to(base)))
+                boxes=str((output / "prompts" / f"{name}.json").relative_to(base))), instances

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from .annotation_xml import read_xml_polygons
+from .geojson import read_geojson_polygons
 from .image_io import read_instance_map, read_rgb_image, write_json_atomic, write_png_atomic
 from .instances import boxes_from_instances, relabel_sequential
 
@@ -88,26 +89,6 @@ def find_cases(source_dir: str | os.PathLike, layout: str = "monuseg") -> dict[s
     if not cases:
         raise FileNotFoundError(f"{source}: no image with an annotation found (layout {layout!r})")
     return cases
-
-
-def read_geojson_polygons(path: str | os.PathLike) -> list[np.ndarray]:
-    """Polygons (K, 2) of ``(x, y)`` pixels from a GeoJSON file (QuPath's export): the outer ring of each Polygon and
-    of each part of a MultiPolygon; features without a geometry and non-polygon geometries are skipped."""
-    try:
-        content = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read GeoJSON ({error})") from error
-    features = content if isinstance(content, list) else content.get("features", [content])
-    polygons = []
-    for feature in features:
-        geometry = feature.get("geometry") if feature.get("type") == "Feature" else feature
-        if not geometry or geometry.get("type") not in ("Polygon", "MultiPolygon"):
-            continue
-        parts = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
-        polygons += [np.asarray(part[0], dtype=np.float64).reshape(-1, 2) for part in parts if part and part[0]]
-    if not polygons:
-        raise ValueError(f"{path}: no Polygon or MultiPolygon feature; not a GeoJSON nucleus annotation")
-    return polygons
 
 
 def rasterise_polygons(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
