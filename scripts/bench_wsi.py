@@ -104,7 +104,8 @@ def main(ckpt_path: str | None = None, slide: str | None = None, size: int = 409
     """``network``: ``bundle`` (AllInSamNet with ``ckpt_path``) or ``stand_in`` (``DarkStandIn``)."""
     from monai.bundle import ConfigWorkflow
 
-    from scripts.wsi import infer_slide, load_checkpoint
+    from scripts.inference import TilePredictor, load_checkpoint
+    from scripts.wsi import infer_slide
 
     if network not in ("bundle", "stand_in"):
         raise ValueError(f"network must be bundle or stand_in, got {network!r}")
@@ -128,10 +129,12 @@ def main(ckpt_path: str | None = None, slide: str | None = None, size: int = 409
             model = DarkStandIn().to(device)
         windows = []  # the batch size of every network call: the 256x256 windows run
         model.register_forward_pre_hook(lambda module, args: windows.append(args[0].shape[0]))
+        predictor = TilePredictor(model, *(workflow.parser.get_parsed_content(key)
+                                           for key in ("inferer", "load", "activation")), device=device)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         started = time.perf_counter()
-        summary = infer_slide(slide, model, workflow.parser.get_parsed_content("inferer"), f"{folder}/out",
-                              tile_size=tile_size, tile_halo=tile_halo, backend=wsi_backend, device=device)
+        summary = infer_slide(slide, predictor, f"{folder}/out", tile_size=tile_size, tile_halo=tile_halo,
+                              backend=wsi_backend)
         seconds = time.perf_counter() - started
     result = {
         "network": network, "slide": summary["slide"], "shape": summary["shape"], "tile_size": tile_size,

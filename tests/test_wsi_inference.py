@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from bench_wsi import write_pyramid
 from conftest import BUNDLE, MONUSEG, SAMPLE_CROPS, bundle_workflow
+from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer
 from PIL import Image
 from scipy import ndimage
 
 from scripts.data import instances_from_mask, read_rgb_image
+from scripts.inference import TilePredictor
 from scripts.wsi import Slide, infer_slide, run_wsi_inference
 
 INFER, WSI = BUNDLE / "configs" / "inference.json", BUNDLE / "configs" / "wsi_inference.json"
@@ -33,6 +35,14 @@ class DarkNuclei(torch.nn.Module):
         small = F.avg_pool2d(F.pad(red, (1,) * 4, mode="replicate"), 3, stride=1)
         large = F.avg_pool2d(F.pad(red, (7,) * 4, mode="replicate"), 15, stride=1)
         return 50 * torch.minimum(0.4 - small, large - small - 0.04)
+
+
+def _bundle_predictor(network: torch.nn.Module) -> TilePredictor:
+    """``network`` with inference.json's own load transforms and activation (sigmoid, threshold 0.5)."""
+    parser = ConfigParser()
+    parser.read_config(str(INFER))
+    return TilePredictor(network, SimpleInferer(), parser.get_parsed_content("load"),
+                         parser.get_parsed_content("activation"))
 
 
 def _real_tiles(monuseg: bool) -> list[np.ndarray]:
@@ -107,7 +117,7 @@ def test_reads_a_sub_ifd_pyramid(tmp_path):
 def test_every_nucleus_is_found_exactly_once_across_tile_borders(mosaic_slide, tmp_path):
     path, mosaic = mosaic_slide
     network = DarkNuclei()
-    summary = infer_slide(path, network, SimpleInferer(), tmp_path, tile_size=TILE, tile_halo=HALO,
+    summary = infer_slide(path, _bundle_predictor(network), tmp_path, tile_size=TILE, tile_halo=HALO,
                           min_area=MIN_AREA, write_nifti=True, progress=False)
     height, width = mosaic.shape[:2]
 
@@ -171,16 +181,16 @@ def test_bad_slide_names_the_file_and_writes_nothing(mosaic_slide, tmp_path, dam
     bad.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not a slide\n" * 100)
     output = tmp_path / "out"
     with pytest.raises(ValueError, match="bad.tif: cannot read"):
-        infer_slide(bad, DarkNuclei(), SimpleInferer(), output, tile_size=TILE, tile_halo=HALO, progress=False)
+        infer_slide(bad, _bundle_predictor(DarkNuclei()), output, tile_size=TILE, tile_halo=HALO, progress=False)
     assert not output.exists() or not list(output.iterdir())
 
 
 def test_missing_checkpoint_or_slides_are_named(mosaic_slide, tmp_path):
     path, _ = mosaic_slide
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        run_wsi_inference(str(path), DarkNuclei(), SimpleInferer(), tmp_path / "missing.pt", tmp_path)
+        run_wsi_inference(str(path), _bundle_predictor(DarkNuclei()), tmp_path / "missing.pt", tmp_path)
     with pytest.raises(FileNotFoundError, match="nothing_here"):
-        run_wsi_inference(str(tmp_path / "nothing_here*.tif"), DarkNuclei(), SimpleInferer(), None, tmp_path)
+        run_wsi_inference(str(tmp_path / "nothing_here*.tif"), _bundle_predictor(DarkNuclei()), None, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
@@ -231,6 +241,23 @@ def test_bundle_config_runs_the_trained_network_on_a_slide(trained_allinsam, tmp
     ious = np.array(ious)
     # batched windows (sw_batch_size 4 against 1) may still move a pixel or two across the threshold
     assert len(ious) >= 10 and np.mean(ious > 0.5) >= 0.95, (len(ious), np.round(ious, 2).tolist(), summary)
+
+
+def test_a_tile_gets_the_same_arrays_from_the_tile_predictor_as_from_inference_json(trained_allinsam, tmp_path):
+    """inference.json's evaluator and its ``tile_predictor`` (what the whole-slide workflow runs) on one real crop:
+    the same probabilities and masks, bit for bit, at the default overlap."""
+    _, models = trained_allinsam
+    crop = sorted((SAMPLE_CROPS / "images").glob("*.png"))[0]
+    workflow = bundle_workflow([INFER], "infer", ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path),
+                               input_glob=str(crop))
+    workflow.run()
+    (image_output,) = workflow.parser.get_parsed_content("evaluator").state.output
+    tile_output = workflow.parser.get_parsed_content("tile_predictor")(read_rgb_image(crop))
+    assert tile_output["pred"].shape == (1, 256, 256) and tile_output["pred"].std() > 0.01  # a map with structure
+    assert np.array_equal(tile_output["pred"], image_output["pred"].numpy())
+    assert np.array_equal(tile_output["mask"], image_output["mask"].numpy() > 0)
+    with pytest.raises(ValueError, match="RGB"):
+        workflow.parser.get_parsed_content("tile_predictor")(read_rgb_image(crop)[..., 0])
 
 
 THUMBNAIL_PROBE = """

@@ -7,6 +7,7 @@
 - ``losses/``: Dice + BCE per class and MOCL (molecular-oriented corrective learning).
 - ``metrics/``: the nuclei metrics of every workflow and both bundles.
 - ``training/``: kill-safe checkpoints, resuming a run (or starting from another run's weights), NaN stop, torchrun.
+- ``inference/``: one tile through inference.json's recipe (``TilePredictor``), checkpoint loading.
 - ``wsi/``: whole-slide inference: tissue tiles, stitched instances, QuPath GeoJSON / instance TIFF / NIfTI.
 """
 

@@ -4,8 +4,6 @@ from .slide_inference import (
     SlideOptions,
     SlideStitcher,
     infer_slide,
-    load_checkpoint,
-    predict_tile,
     run_wsi_inference,
 )
 from .tissue import tissue_mask, tissue_tiles
@@ -17,8 +15,6 @@ __all__ = [
     "SlideOptions",
     "SlideStitcher",
     "infer_slide",
-    "load_checkpoint",
-    "predict_tile",
     "run_wsi_inference",
     "tissue_mask",
     "tissue_tiles",

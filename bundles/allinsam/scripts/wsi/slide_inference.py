@@ -18,13 +18,11 @@ from glob import glob
 from pathlib import Path
 
 import numpy as np
-import torch
-from ignite.engine import Engine
-from monai.handlers import CheckpointLoader
 from scipy import ndimage
 from tqdm import tqdm
 
 from ..data import instance_contours, instances_from_mask, staged, write_json_atomic
+from ..inference import TilePredictor, load_checkpoint
 from .outputs import GeoJsonDetections, InstanceTiff
 from .reading import Slide
 from .tissue import tissue_mask, tissue_tiles
@@ -32,34 +30,17 @@ from .tissue import tissue_mask, tissue_tiles
 logger = logging.getLogger(__name__)
 
 
-def load_checkpoint(network: torch.nn.Module, ckpt_path: str | os.PathLike, device: torch.device | str) -> None:
-    """Load ``ckpt_path`` (a ``model.pt`` state dict or a ``{"model": ...}`` checkpoint) with MONAI's
-    CheckpointLoader, as inference.json does."""
-    if ckpt_path is None or not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found (set --ckpt_path to a trained model.pt)")
-    CheckpointLoader(load_path=str(ckpt_path), load_dict={"model": network}, map_location=device)(
-        Engine(lambda engine, batch: None))
-
-
-def predict_tile(network: torch.nn.Module, inferer, image: np.ndarray, device: torch.device | str) -> np.ndarray:
-    """RGB uint8 (h, w, 3) -> foreground probabilities (C, h, w) float32: scaled to [0, 1] as the bundle's
-    ScaleIntensityRanged does, ``inferer(image, network)`` (logits), sigmoid."""
-    batch = torch.as_tensor(image, device=device).permute(2, 0, 1)[None].float() / 255
-    with torch.no_grad():
-        return torch.sigmoid(inferer(batch, network))[0].float().cpu().numpy()
-
-
 @dataclass(frozen=True)
 class SlideOptions:
     """How a slide is read, tiled and stitched (``wsi_inference.json``'s ``wsi_options``).
 
     ``tile_size`` / ``tile_halo``: level-0 px of a tile's cell and of the margin read around it; ``backend``:
-    ``Slide``'s reader; ``tissue_*``: ``tissue_mask`` on the thumbnail of ``tissue_level``; ``threshold`` as
-    inference.json's; instances under ``min_area`` px are dropped; ``write_nifti`` adds ``<name>_instances.nii.gz``.
+    ``Slide``'s reader; ``tissue_*``: ``tissue_mask`` on the thumbnail of ``tissue_level``; instances under
+    ``min_area`` px are dropped; ``write_nifti`` adds ``<name>_instances.nii.gz``. The threshold is the tile
+    predictor's (inference.json's ``activation``).
     """
 
     classes: tuple[str, ...] = ("nucleus",)
-    threshold: float = 0.5
     tile_size: int = 1024
     tile_halo: int = 64
     backend: str = "tifffile"
@@ -127,10 +108,10 @@ class SlideStitcher:
         del written, band
 
 
-def infer_slide(slide_path: str | os.PathLike, network: torch.nn.Module, inferer, output_dir: str | os.PathLike,
-                options: SlideOptions | None = None, device: torch.device | str = "cpu", **settings) -> dict:
-    """Segment the nuclei of one slide; ``network`` maps (B, 3, h, w) in [0, 1] to logits (B, C, h, w) through
-    ``inferer`` (the bundle's SlidingWindowInferer, whose ``sw_batch_size`` batches the windows). ``options``
+def infer_slide(slide_path: str | os.PathLike, predictor: TilePredictor, output_dir: str | os.PathLike,
+                options: SlideOptions | None = None, **settings) -> dict:
+    """Segment the nuclei of one slide, each tile (with its halo) through ``predictor`` (inference.json's
+    ``tile_predictor``: its sliding-window inferer batches the windows, its activation thresholds). ``options``
     (or ``SlideOptions`` fields as keywords) say how the slide is tiled and stitched.
 
     Writes, committed together only when the whole slide succeeded, into ``output_dir``:
@@ -139,7 +120,6 @@ def infer_slide(slide_path: str | os.PathLike, network: torch.nn.Module, inferer
     (the returned counts).
     """
     options = replace(options or SlideOptions(), **settings)
-    network.eval()
     output_dir = Path(output_dir)
     name = Path(slide_path).name.rsplit(".", 1)[0]
     started = time.perf_counter()
@@ -165,10 +145,9 @@ def infer_slide(slide_path: str | os.PathLike, network: torch.nn.Module, inferer
                     halo = options.tile_halo
                     box = (max(y - halo, 0), max(x - halo, 0), min(y + options.tile_size + halo, height),
                            min(x + options.tile_size + halo, width))
-                    probability = predict_tile(network, inferer, slide.region(box[0], box[1], box[2] - box[0],
-                                                                              box[3] - box[1]), device)
+                    mask = predictor(slide.region(box[0], box[1], box[2] - box[0], box[3] - box[1]))["mask"]
                     for channel in range(len(options.classes)):
-                        stitcher.add(probability[channel] >= options.threshold, channel, (y, x), box)
+                        stitcher.add(mask[channel], channel, (y, x), box)
                     tiles_run.append([y, x])
                     bar.set_postfix(nuclei=stitcher.instances, refresh=False)
             finally:
@@ -189,15 +168,14 @@ def infer_slide(slide_path: str | os.PathLike, network: torch.nn.Module, inferer
     return counts
 
 
-def run_wsi_inference(slide_glob: str | None, network: torch.nn.Module, inferer, ckpt_path: str | os.PathLike,
-                      output_dir: str | os.PathLike, options: SlideOptions | None = None,
-                      device: torch.device | str = "cpu") -> list[dict]:
-    """Load ``ckpt_path`` into ``network`` and run ``infer_slide`` (``options``) on every slide matching
-    ``slide_glob``, in sorted order; returns their summaries."""
+def run_wsi_inference(slide_glob: str | None, predictor: TilePredictor, ckpt_path: str | os.PathLike,
+                      output_dir: str | os.PathLike, options: SlideOptions | None = None) -> list[dict]:
+    """Load ``ckpt_path`` into the predictor's network and run ``infer_slide`` (``options``) on every slide
+    matching ``slide_glob``, in sorted order; returns their summaries."""
     if not slide_glob:
         raise ValueError("no slides given: set --slide_glob, e.g. \"slides/*.svs\"")
     paths = sorted(glob(str(slide_glob)))
     if not paths:
         raise FileNotFoundError(f"{slide_glob}: no slide matches slide_glob")
-    load_checkpoint(network, ckpt_path, device)
-    return [infer_slide(path, network, inferer, output_dir, options, device) for path in paths]
+    load_checkpoint(predictor.network, ckpt_path, predictor.device)
+    return [infer_slide(path, predictor, output_dir, options) for path in paths]

@@ -1,0 +1,3 @@
+from .tile_predictor import TilePredictor, load_checkpoint
+
+__all__ = ["TilePredictor", "load_checkpoint"]
