@@ -13,7 +13,14 @@ from PIL import Image
 
 from scripts.data import read_rgb_image
 from scripts.networks import AllInSamNet
-from scripts.training import AugmentedViewd, FrozenFeaturesd, TrainingBudget, ViewCacheKey, view_datalist
+from scripts.training import (
+    AugmentedViewd,
+    FrozenFeaturesd,
+    TrainingBudget,
+    ViewCacheKey,
+    parameter_groups,
+    view_datalist,
+)
 
 TRAIN = CONFIGS / "train.json"
 FLOOR_AFTER_48_STEPS = 0.45  # measured 0.571 (2 CPU cores, seed 0); the quickstart's best model.pt: 0.587
@@ -193,3 +200,31 @@ def test_a_short_cached_run_learns_the_sample_crops(tmp_path, sample_datalist):
     print(f"test-crop Dice: random weights {random_weights:.3f}, pretrained before training {before:.3f}, "
           f"after 48 cached steps {after:.3f}")
     assert after > FLOOR_AFTER_48_STEPS and after > before + 0.3 and after > random_weights + 0.08
+
+
+@pytest.mark.parametrize("trainable", ["tail", "adapter"])
+def test_pretrained_encoder_weights_step_at_the_scaled_learning_rate(trainable):
+    """AdamW's first step moves each parameter by about its group's rate: the pretrained encoder weights (the tail
+    stages, not the new adapters) by ``encoder_lr_scale`` times what the decoder moves."""
+    torch.manual_seed(0)
+    network = AllInSamNet(pretrained=False, trainable=trainable, tail_stages=2)
+    groups = parameter_groups(network, learning_rate=1e-3, encoder_lr_scale=0.2)
+    names = {id(p): name for name, p in network.named_parameters()}
+    group_names = [[names[id(p)] for p in group["params"]] for group in groups]
+    if trainable == "tail":
+        assert [group["lr"] for group in groups] == [1e-3, pytest.approx(2e-4)]
+        encoder_names = group_names[1]
+        assert all(name.startswith("sam.image_encoder.") and ".generators." not in name for name in encoder_names)
+    else:  # the adapter recipe's encoder weights are frozen: adapters and decoder share the full rate
+        assert len(groups) == 1 and any(".generators." in name for name in group_names[0])
+    before = {name: p.detach().clone() for name, p in network.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    network.train()(torch.rand(1, 3, 256, 256)).sigmoid().mean().backward()
+    optimizer.step()
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in network.named_parameters()
+             if p.requires_grad}
+    assert max(moved[name] for name in moved if name.startswith("sam.mask_decoder.")) == pytest.approx(1e-3, rel=0.01)
+    if trainable == "tail":
+        assert max(moved[name] for name in encoder_names) == pytest.approx(2e-4, rel=0.01)
+    with pytest.raises(ValueError, match="encoder_lr_scale"):
+        parameter_groups(network, 1e-3, encoder_lr_scale=0.0)

@@ -19,6 +19,7 @@ from .feature_cache import (
     training_dataset,
     view_datalist,
 )
+from .parameter_groups import parameter_groups
 
 __all__ = [
     "handlers_of_rank",
@@ -36,6 +37,7 @@ __all__ = [
     "KeepUntilReplacedDiskSaver",
     "StopOnNonFiniteLoss",
     "init_distributed",
+    "parameter_groups",
     "last_checkpoint",
     "resume_from_last_checkpoint",
     "resume_or_start_from",
