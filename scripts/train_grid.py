@@ -233,6 +233,15 @@ def _read_timing(metrics_csv: Path) -> dict[str, float]:
             for key in ("train_s", "steps")}
 
 
+def _read_postprocessing(metrics_csv: Path) -> str:
+    """``threshold / instances`` the test split was scored with: ``calibrate``'s choice, else the defaults."""
+    calibration = metrics_csv.parent.parent / "validation" / "calibration.json"
+    if not calibration.is_file():
+        return "0.5 / components"
+    chosen = json.loads(calibration.read_text())
+    return f"{chosen['threshold']:g} / {chosen['instances']}"
+
+
 def _span(values: list[float], form: str) -> str:
     """``a-b`` over the seeds (``a`` when all equal; ``?`` when unknown)."""
     known = [value for value in values if value == value]
@@ -247,29 +256,33 @@ def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str 
     rows = {}
     for metrics_csv in sorted(Path(runs_dir).glob("*/test/metrics.csv")):
         fraction, label, seed = metrics_csv.parent.parent.name.rsplit("_", 2)
-        rows.setdefault((fraction, label), []).append((seed, _read_means(metrics_csv) | _read_timing(metrics_csv)))
+        rows.setdefault((fraction, label), []).append(
+            (seed, _read_means(metrics_csv) | _read_timing(metrics_csv) | {"post": _read_postprocessing(metrics_csv)}))
     if not rows:
         raise FileNotFoundError(f"{runs_dir}: no */test/metrics.csv (run `train_grid.py run` first)")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    header = ["labels", "data", "seeds", "train min", "steps"] + list(TABLE_COLUMNS)
+    header = ["labels", "data", "seeds", "train min", "steps", "threshold / instances"] + list(TABLE_COLUMNS)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with open(output.with_name(output.name + ".csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["labels", "data", "seed", "train_s", "steps"] + list(METRIC_NAMES))
+        writer.writerow(["labels", "data", "seed", "train_s", "steps", "threshold_instances"] + list(METRIC_NAMES))
         for (fraction, label), runs in sorted(rows.items()):
             for seed, means in runs:
-                writer.writerow([label, fraction, seed, means["train_s"], means["steps"]]
+                writer.writerow([label, fraction, seed, means["train_s"], means["steps"], means["post"]]
                                 + [f"{means[name]:.4f}" for name in METRIC_NAMES])
             values = {name: np.array([means[name] for _, means in runs]) for name in TABLE_COLUMNS}
             cells = [f"{values[name].mean():.4f} ± {values[name].std(ddof=1) if len(runs) > 1 else 0:.4f}"
                      for name in TABLE_COLUMNS]
             spent = _span([means["train_s"] / 60 for _, means in runs], "{:.1f}")
             steps = _span([means["steps"] for _, means in runs], "{:.0f}")
-            lines.append("| " + " | ".join([label, fraction, str(len(runs)), spent, steps] + cells) + " |")
+            post = ", ".join(sorted({means["post"] for _, means in runs}))
+            lines.append("| " + " | ".join([label, fraction, str(len(runs)), spent, steps, post] + cells) + " |")
     text = (f"# All-in-SAM (LiteMedSAM) on the MoNuSeg test set (14 images)\n\n"
             f"Hardware: {hardware}. Mean ± sd over seeds of each run's mean over the test images; train min: the whole "
-            f"training command (start-up and feature caching included), steps: optimizer steps. {note}\n\n"
+            f"training command (start-up and feature caching included), steps: optimizer steps; threshold / "
+            f"instances: the post-processing the test split was scored with (chosen on the validation images by "
+            f"`calibrate`, or the defaults). {note}\n\n"
             + "\n".join(lines) + "\n")
     output.with_name(output.name + ".md").write_text(text)
     print(text)
