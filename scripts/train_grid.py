@@ -143,7 +143,8 @@ def _calibrated(run_dir: Path, inference: dict) -> dict:
 
 
 def _datalist_file(options: dict) -> Path:
-    """The prepared datalist that ``configs/datasets/monuseg.json`` builds from these options."""
+    """The prepared datalist that ``configs/datasets/monuseg.json`` builds from these options (its default
+    ``fraction_seed`` 0, which ``run`` does not change)."""
     from scripts.data import prepared_datalist
 
     return Path(prepared_datalist(options["dataset_dir"], options["fraction"], 0, options["labels"]))

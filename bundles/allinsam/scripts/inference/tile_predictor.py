@@ -45,8 +45,8 @@ class TilePredictor:
         with torch.no_grad():
             logits = self.inferer(batch, self.network)
         outputs = self.postprocessing({"pred": logits[0]})
-        return {"pred": _numpy(outputs["pred"]).astype(np.float32), "mask": _numpy(outputs["mask"]) > 0}
+        return {"pred": _float32(outputs["pred"]), "mask": _float32(outputs["mask"]) > 0}
 
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
+def _float32(tensor: torch.Tensor) -> np.ndarray:
     return torch.as_tensor(tensor).detach().float().cpu().numpy()
