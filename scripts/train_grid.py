@@ -25,13 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "allinsam" / "configs"
 import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
-from scripts.data import INSTANCE_METHODS  # noqa: E402  (the bundle's package)
-from scripts.metrics import METRIC_NAMES, nuclei_metrics  # noqa: E402
+from scripts.metrics import METRIC_NAMES  # noqa: E402  (the bundle's package)
 from scripts.training import last_checkpoint  # noqa: E402
 
 # options that change the network's parameters: evaluation must build the same network as training
 NETWORK_OPTIONS = ("trainable", "backbone", "sam_checkpoint", "sam_checkpoint_sha256")
-CALIBRATION_THRESHOLDS = tuple(round(0.1 + 0.05 * step, 2) for step in range(17))  # 0.10, 0.15, ..., 0.90
 TABLE_COLUMNS = ("dice", "auc", "recall", "precision", "best_f1", "iou", "adj", "aji", "detection_f1", "pq")
 
 
@@ -95,8 +93,8 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
 
     ``checkpoint``: ``last`` (the final epoch; for short CPU budgets, where the validation Dice of a few
     validation crops is a noisy pick) or ``best`` (``model.pt``, best validation Dice).
-    ``calibrate``: choose the threshold and the instance split on the validation images (``calibrate`` below)
-    and score the test split with them, instead of 0.5 and components.
+    ``calibrate``: choose the threshold and the instance split on the validation images (the bundle's
+    ``calibrate.json``) and score the test split with them, instead of 0.5 and components.
     """
     if checkpoint not in ("last", "best"):
         raise ValueError(f"checkpoint must be 'last' or 'best', got {checkpoint!r}")
@@ -130,59 +128,15 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
 
 
 def _calibrated(run_dir: Path, inference: dict) -> dict:
-    """``inference.json`` on the validation split into ``<run_dir>/validation``, then ``calibrate`` on it; the
-    ``--threshold`` / ``--instance_method`` overrides it chose."""
-    validation = run_dir / "validation"
-    if not (validation / "calibration.json").is_file():
-        _run_logged(_bundle_command([CONFIGS / "inference.json", CONFIGS / "datasets" / "monuseg.json"], None,
-                                    {**inference, "data_list_key": "validation", "output_dir": validation}),
-                    run_dir / "validation.log")
-        calibrate(validation, _datalist_file(inference))
-    chosen = json.loads((validation / "calibration.json").read_text())
-    return {"threshold": chosen["threshold"], "instance_method": chosen["instances"]}
-
-
-def _datalist_file(options: dict) -> Path:
-    """The prepared datalist that ``configs/datasets/monuseg.json`` builds from these options (its default
-    ``fraction_seed`` 0, which ``run`` does not change)."""
-    from scripts.data import prepared_datalist
-
-    return Path(prepared_datalist(options["dataset_dir"], options["fraction"], 0, options["labels"]))
-
-
-def calibrate(predictions: str | Path, datalist: str | Path, split: str = "validation") -> dict:
-    """The threshold (of ``CALIBRATION_THRESHOLDS``) with the best mean Dice, then the instance split
-    (``components`` or ``watershed``) with the best mean AJI at it, over the ``split`` images of ``datalist`` (their
-    own labels: SAM pseudo masks in the weak setting), from the ``<name>_prob.png`` files in ``predictions``.
-    Writes and returns ``<predictions>/calibration.json`` with the per-threshold means. Never give it the test split.
-    """
-    if split == "test":
-        raise ValueError("calibrate chooses post-processing on validation images; the test split is for scoring")
-    from monai.data import load_decathlon_datalist
-    from PIL import Image
-
-    predictions, datalist = Path(predictions), Path(datalist)
-    entries = load_decathlon_datalist(datalist, data_list_key=split, base_dir=datalist.parent)
-    if not entries:
-        raise ValueError(f"{datalist}: no {split!r} images to calibrate on")
-    cases = []
-    for entry in entries:
-        probability_png = predictions / f"{Path(entry['image']).stem}_prob.png"
-        if not probability_png.is_file():
-            raise FileNotFoundError(f"{probability_png}: missing (run inference.json on the {split} split first)")
-        with Image.open(probability_png) as probability, Image.open(entry["instances"]) as truth:
-            cases.append((np.asarray(probability, dtype=np.float64) / 255, np.asarray(truth)))
-    dice = {t: float(np.mean([nuclei_metrics(p, y, t, names=("dice",))["dice"] for p, y in cases]))
-            for t in CALIBRATION_THRESHOLDS}
-    threshold = max(dice, key=dice.get)
-    aji = {method: float(np.mean([nuclei_metrics(p, y, threshold, method, names=("aji",))["aji"] for p, y in cases]))
-           for method in INSTANCE_METHODS}
-    chosen = {"threshold": threshold, "instances": max(aji, key=aji.get), "split": split, "images": len(cases),
-              "dice_by_threshold": dice, "aji_by_instances": aji}
-    (predictions / "calibration.json").write_text(json.dumps(chosen, indent=1) + "\n")
-    print(f"{predictions}: threshold {threshold} (validation Dice {dice[threshold]:.4f}; at 0.5 {dice[0.5]:.4f}), "
-          f"instances {chosen['instances']} (AJI {aji[chosen['instances']]:.4f})")
-    return chosen
+    """The bundle's ``calibrate.json`` on the validation split (predictions into ``<run_dir>/validation``); the
+    ``--calibration_file`` option that makes evaluation use its choice."""
+    calibration = run_dir / "validation" / "calibration.json"
+    if not calibration.is_file():
+        _run_logged(_bundle_command(
+            [CONFIGS / "inference.json", CONFIGS / "calibrate.json", CONFIGS / "datasets" / "monuseg.json"], None,
+            {**inference, "output_dir": run_dir / "validation", "calibration_file": calibration}),
+            run_dir / "validation.log")
+    return {"calibration_file": calibration}
 
 
 def nnunet(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), seeds: str | tuple = (0, 1, 2),
@@ -235,7 +189,7 @@ def _read_timing(metrics_csv: Path) -> dict[str, float]:
 
 
 def _read_postprocessing(metrics_csv: Path) -> str:
-    """``threshold / instances`` the test split was scored with: ``calibrate``'s choice, else the defaults."""
+    """``threshold / instances`` the test split was scored with: ``calibrate.json``'s choice, else the defaults."""
     calibration = metrics_csv.parent.parent / "validation" / "calibration.json"
     if not calibration.is_file():
         return "0.5 / components"
@@ -283,7 +237,7 @@ def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str 
             f"Hardware: {hardware}. Mean ± sd over seeds of each run's mean over the test images; train min: the whole "
             f"training command (start-up and feature caching included), steps: optimizer steps; threshold / "
             f"instances: the post-processing the test split was scored with (chosen on the validation images by "
-            f"`calibrate`, or the defaults). {note}\n\n"
+            f"the bundle's `calibrate.json`, or the defaults). {note}\n\n"
             + "\n".join(lines) + "\n")
     output.with_name(output.name + ".md").write_text(text)
     print(text)
@@ -291,4 +245,4 @@ def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str 
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "calibrate": calibrate, "nnunet": nnunet, "table": table}, serialize=lambda result: None)
+    fire.Fire({"run": run, "nnunet": nnunet, "table": table}, serialize=lambda result: None)

@@ -96,30 +96,3 @@ def test_compare_is_byte_reproducible_and_names_missing_files(synthetic):
     (root / "poor/0.5pct_weak_seed1/test/case3_prob.png").unlink()
     with pytest.raises(FileNotFoundError, match="case3_prob.png"):
         compare.table(runs, datalist=str(root / "datalist.json"), output=str(root / "c" / "table"))
-
-
-def test_calibration_chooses_the_threshold_and_split_on_validation_images(tmp_path):
-    """A validation probability map of the real sample crop that is 0.8 inside its nuclei, 0.6 on a 2-pixel ring
-    around them and 0.1 elsewhere: only thresholds in (0.6, 0.8] give back the nuclei exactly (Dice 1)."""
-    import train_grid
-    from conftest import SAMPLE_CROPS
-    from scipy import ndimage
-
-    datalist = SAMPLE_CROPS / "datalist.json"
-    entry = json.loads(datalist.read_text())["validation"][0]
-    nuclei = np.asarray(Image.open(SAMPLE_CROPS / entry["instances"])) > 0
-    ring = ndimage.binary_dilation(nuclei, iterations=2) & ~nuclei
-    probability = np.where(nuclei, 0.8, np.where(ring, 0.6, 0.1))
-    name = entry["image"].split("/")[-1][:-4]
-    Image.fromarray(np.round(probability * 255).astype(np.uint8)).save(tmp_path / f"{name}_prob.png")
-
-    chosen = train_grid.calibrate(tmp_path, datalist)
-    assert 0.6 < chosen["threshold"] <= 0.8 and chosen["dice_by_threshold"][chosen["threshold"]] == 1.0
-    assert chosen["dice_by_threshold"][0.5] < 0.95  # the ring is foreground at 0.5 (measured 0.92)
-    assert chosen["instances"] == max(chosen["aji_by_instances"], key=chosen["aji_by_instances"].get)
-    assert json.loads((tmp_path / "calibration.json").read_text())["threshold"] == chosen["threshold"]
-    with pytest.raises(ValueError, match="test split is for scoring"):
-        train_grid.calibrate(tmp_path, datalist, split="test")
-    (tmp_path / f"{name}_prob.png").unlink()
-    with pytest.raises(FileNotFoundError, match=f"{name}_prob.png: missing"):
-        train_grid.calibrate(tmp_path, datalist)

@@ -90,9 +90,10 @@ class AllInSamSegmentation(BundleInferTask):
     """``allinsam``: prompt-free segmentation of a whole tile through the bundle's ``configs/inference.json``
     (its preprocessing, sliding-window inferer and sigmoid), then instances and their contours.
 
-    Options (request, or app conf for the default): ``threshold`` on the probability (default: the bundle's),
-    ``instances``: ``components`` (8-connected) or ``watershed`` (splits touching nuclei), the functions that
-    score the bundle.
+    Options (request, or app conf for the default): ``threshold`` on the probability and ``instances``:
+    ``components`` (8-connected) or ``watershed`` (splits touching nuclei), the functions that score the bundle;
+    both default to the bundle's (its ``calibrate.json`` choice when the model was calibrated, else 0.5 and
+    components).
     """
 
     def __init__(self, path: str, conf: dict[str, str]):
@@ -103,7 +104,8 @@ class AllInSamSegmentation(BundleInferTask):
         self.classes = list(self.bundle_config.get_parsed_content("classes"))
         self.labels = {name: index + 1 for index, name in enumerate(self.classes)}
         threshold = float(conf.get("threshold", self.bundle_config.get_parsed_content("threshold")))
-        self._config.update({"threshold": threshold, "instances": conf.get("instances", "components")})
+        instances = conf.get("instances", self.bundle_config.get_parsed_content("instance_method"))
+        self._config.update({"threshold": threshold, "instances": instances})
 
     def post_transforms(self, data=None) -> list:
         return [*super().post_transforms(data), self.instances_and_contours]

@@ -7,8 +7,10 @@
 - ``losses/``: Dice + BCE per class and MOCL (molecular-oriented corrective learning).
 - ``metrics/``: the nuclei metrics of every workflow and both bundles.
 - ``training/``: kill-safe checkpoints, resuming a run (or starting from another run's weights), NaN stop, torchrun.
-- ``inference/``: one tile through inference.json's recipe (``TilePredictor``), checkpoint loading.
-- ``wsi/``: whole-slide inference: tissue tiles, stitched instances, QuPath GeoJSON / instance TIFF / NIfTI.
+- ``inference/``: one tile through inference.json's recipe (``TilePredictor``), checkpoint loading, the
+  threshold and instance split chosen on validation images (``calibrate``).
+- ``wsi/``: whole-slide inference: tissue tiles, stitched instances, QuPath GeoJSON / instance TIFF / NIfTI; cohorts
+  sharded across torchrun ranks (``cohort.py``).
 """
 
 from pathlib import Path

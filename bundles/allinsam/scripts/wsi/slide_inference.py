@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from glob import glob
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ..data import instance_contours, instances_from_mask, staged, write_json_atomic
-from ..inference import TilePredictor, load_checkpoint
+from ..inference import TilePredictor
 from .outputs import GeoJsonDetections, InstanceTiff
 from .reading import Slide
 from .tissue import tissue_mask, tissue_tiles
@@ -108,20 +107,25 @@ class SlideStitcher:
         del written, band
 
 
+def slide_name(path: str | os.PathLike) -> str:
+    """The stem every output of a slide is named after: ``slides/a.ome.tif`` -> ``a.ome``."""
+    return Path(path).name.rsplit(".", 1)[0]
+
+
 def infer_slide(slide_path: str | os.PathLike, predictor: TilePredictor, output_dir: str | os.PathLike,
-                options: SlideOptions | None = None, **settings) -> dict:
+                options: SlideOptions | None = None, provenance: dict | None = None, **settings) -> dict:
     """Segment the nuclei of one slide, each tile (with its halo) through ``predictor`` (inference.json's
     ``tile_predictor``: its sliding-window inferer batches the windows, its activation thresholds). ``options``
     (or ``SlideOptions`` fields as keywords) say how the slide is tiled and stitched.
 
     Writes, committed together only when the whole slide succeeded, into ``output_dir``:
     ``<name>.geojson`` (QuPath detections, level-0 pixels), ``<name>_instances.tif`` (uint32 (C, H, W) ids,
-    GeoJSON ``instance_id``s), ``<name>_instances.nii.gz`` with ``write_nifti`` and ``<name>_summary.json``
-    (the returned counts).
+    GeoJSON ``instance_id``s), ``<name>_instances.nii.gz`` with ``write_nifti`` and, last, ``<name>_summary.json``
+    (the returned counts, with ``provenance``: who ran it with which settings).
     """
     options = replace(options or SlideOptions(), **settings)
     output_dir = Path(output_dir)
-    name = Path(slide_path).name.rsplit(".", 1)[0]
+    name = slide_name(slide_path)
     started = time.perf_counter()
     with Slide(slide_path, options.backend) as slide:
         thumbnail, downsample = slide.thumbnail(options.tissue_level)
@@ -160,22 +164,10 @@ def infer_slide(slide_path: str | os.PathLike, predictor: TilePredictor, output_
     counts = {"slide": str(slide_path), "shape": [height, width], "tile_size": options.tile_size,
               "tile_halo": options.tile_halo, "tiles_in_grid": grid, "tissue_tiles": len(tiles),
               "tiles_run": tiles_run, **stitcher.counts(), "seconds": round(seconds, 2),
-              "tiles_per_s": round(len(tiles) / seconds, 3), "outputs": {k: str(v) for k, v in outputs.items()}}
+              "tiles_per_s": round(len(tiles) / seconds, 3), "outputs": {k: str(v) for k, v in outputs.items()},
+              **(provenance or {})}
     if counts["cut"]:
         logger.warning(f"{slide_path}: {counts['cut']} nuclei reach past tile_halo={options.tile_halo} px and may be "
                        f"cut; raise tile_halo")
     write_json_atomic(output_dir / f"{name}_summary.json", counts)
     return counts
-
-
-def run_wsi_inference(slide_glob: str | None, predictor: TilePredictor, ckpt_path: str | os.PathLike,
-                      output_dir: str | os.PathLike, options: SlideOptions | None = None) -> list[dict]:
-    """Load ``ckpt_path`` into the predictor's network and run ``infer_slide`` (``options``) on every slide
-    matching ``slide_glob``, in sorted order; returns their summaries."""
-    if not slide_glob:
-        raise ValueError("no slides given: set --slide_glob, e.g. \"slides/*.svs\"")
-    paths = sorted(glob(str(slide_glob)))
-    if not paths:
-        raise FileNotFoundError(f"{slide_glob}: no slide matches slide_glob")
-    load_checkpoint(predictor.network, ckpt_path, predictor.device)
-    return [infer_slide(path, predictor, output_dir, options) for path in paths]
