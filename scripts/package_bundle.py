@@ -15,8 +15,8 @@ network) for bundles with a ``network_def``. A failed check stops before anythin
 which is reported: the zip never carries ``model.ts``.
 
 The zip holds the bundle's files except run outputs (``runs/``, ``eval/``, caches) and checkpoints other than
-``models/model.pt``; with weights it adds ``large_files.yml`` (SHA-256), which
-``python -m monai.bundle download_large_files --bundle_path <unpacked>`` checks.
+``models/model.pt`` (with its ``model_calibration.json`` when one was measured on it); with weights it adds
+``large_files.yml`` (SHA-256), which ``python -m monai.bundle download_large_files --bundle_path <unpacked>`` checks.
 """
 
 import hashlib
@@ -36,6 +36,7 @@ BUNDLES = REPO / "bundles"
 SCHEMA = BUNDLES / "meta_schema_20240725.json"
 SKIPPED_FOLDERS = {"runs", "eval", "__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 WEIGHTS = "models/model.pt"
+CALIBRATION = "models/model_calibration.json"  # calibrate.json's threshold / instance split for WEIGHTS
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b.*:")
 
@@ -53,7 +54,9 @@ def bundle_members(bundle: Path) -> list[str]:
             continue
         if path.suffix in (".pyc", ".tmp") or path.name.startswith("."):
             continue
-        if relative.startswith("models/") and relative != WEIGHTS:
+        if relative.startswith("models/") and relative not in (WEIGHTS, CALIBRATION):
+            continue
+        if relative == CALIBRATION and not (bundle / WEIGHTS).is_file():
             continue
         members.append(relative)
     return sorted(members)
@@ -138,7 +141,24 @@ def check_weights(bundle: Path) -> list[tuple[str, str]]:
         raise PackagingError(f"{weights}: not this bundle's network weights: "
                              f"{str(error).removeprefix(f'{bundle}: ')}") from None
     how = "into network_def, strict" if "network_def" in inference else "a state dict of tensors"
-    return [("weights", f"{WEIGHTS} loads (weights_only, {how}) + large_files.yml (SHA-256)")]
+    loaded = ("weights", f"{WEIGHTS} loads (weights_only, {how}) + large_files.yml (SHA-256)")
+    return [loaded] + check_calibration(bundle)
+
+
+def check_calibration(bundle: Path) -> list[tuple[str, str]]:
+    """``models/model_calibration.json``, when present, was measured on ``models/model.pt`` (its SHA-256): a zip never
+    ships the post-processing of other weights."""
+    calibration = bundle / CALIBRATION
+    if not calibration.is_file():
+        return []
+    try:
+        measured = json.loads(calibration.read_text())["checkpoint_sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise PackagingError(f"{calibration}: not a calibration written by calibrate.json") from None
+    if measured != hashlib.sha256((bundle / WEIGHTS).read_bytes()).hexdigest():
+        raise PackagingError(f"{calibration}: measured on other weights than {bundle / WEIGHTS}; rerun calibrate.json "
+                             f"or delete it")
+    return [("calibration", f"{CALIBRATION} measured on these weights (SHA-256)")]
 
 
 def check_network(bundle: Path, metadata: dict) -> list[tuple[str, str]]:

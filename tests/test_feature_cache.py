@@ -51,7 +51,7 @@ def test_cached_view_is_the_fresh_encoder_pass_and_is_reused(cache_workflow, mon
     assert len(dataset) == 4 and {item["view"] for item in dataset.data} == {
         f"{name}#{k}" for name in {item["image"].rsplit("/", 1)[1] for item in dataset.data} for k in (0, 1)}
     first = dataset[0]
-    assert first["image"].shape == (4096, 320) and first["image"].dtype == torch.bfloat16  # stage-3 input
+    assert first["image"].shape == (4096, 160) and first["image"].dtype == torch.bfloat16  # stage-2 input (2 stages)
     assert first["label"].shape == (1, 256, 256) and 0 < first["label"].sum() < 256 * 256
     fresh = _fresh_view(workflow, dataset.data[0])
     assert torch.equal(first["image"], fresh["image"]) and torch.equal(first["label"], fresh["label"])

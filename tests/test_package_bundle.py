@@ -189,3 +189,19 @@ def test_weights_that_are_not_this_network_are_refused(tmp_path, trained_allinsa
     torch.save(AllInSamNet(trainable="adapter").state_dict(), weights)
     assert check_weights(bundle) == [("weights", "models/model.pt loads (weights_only, into network_def, strict) "
                                                  "+ large_files.yml (SHA-256)")]
+
+
+def test_the_calibration_of_the_weights_travels_with_them(tmp_path, trained_allinsam):
+    bundle = _bundle_copy(tmp_path / "bundle", trained_allinsam[1] / "model.pt")
+    calibration = bundle / "models" / "model_calibration.json"
+    digest = hashlib.sha256((bundle / "models" / "model.pt").read_bytes()).hexdigest()
+    calibration.write_text(json.dumps({"threshold": 0.3, "instances": "watershed", "checkpoint_sha256": digest}))
+    assert "models/model_calibration.json" in bundle_members(bundle)
+    assert check_weights(bundle)[-1] == ("calibration", "models/model_calibration.json measured on these weights "
+                                                        "(SHA-256)")
+    calibration.write_text(json.dumps({"threshold": 0.3, "instances": "watershed", "checkpoint_sha256": "0" * 64}))
+    with pytest.raises(PackagingError, match="model_calibration.json: measured on other weights"):
+        check_weights(bundle)
+    (bundle / "models" / "model.pt").unlink()
+    assert "models/model_calibration.json" not in bundle_members(bundle)  # no weights, nothing it applies to
+

@@ -17,7 +17,7 @@ from ..data import INSTANCE_METHODS, write_json_atomic
 from ..metrics import nuclei_metrics
 from ..networks.sam_backbones import sha256_of_file
 
-CALIBRATION_THRESHOLDS = tuple(round(0.1 + 0.05 * step, 2) for step in range(17))  # 0.10, 0.15, ..., 0.90
+CALIBRATION_THRESHOLDS = tuple(round(0.05 + 0.05 * step, 2) for step in range(19))  # 0.05, 0.10, ..., 0.95
 UNCALIBRATED = {"threshold": 0.5, "instances": "components"}
 
 
