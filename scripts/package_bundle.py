@@ -62,9 +62,13 @@ def bundle_members(bundle: Path) -> list[str]:
     return sorted(members)
 
 
+def weights_sha256(bundle: Path) -> str:
+    return hashlib.sha256((bundle / WEIGHTS).read_bytes()).hexdigest()
+
+
 def large_files_yml(bundle: Path) -> str:
     """``large_files.yml`` for the weights (their URL is empty: they travel inside the zip)."""
-    digest = hashlib.sha256((bundle / WEIGHTS).read_bytes()).hexdigest()
+    digest = weights_sha256(bundle)
     return (f'large_files:\n  - path: "{WEIGHTS}"\n    url: ""\n'
             f'    hash_val: "{digest}"\n    hash_type: "sha256"\n')
 
@@ -155,7 +159,7 @@ def check_calibration(bundle: Path) -> list[tuple[str, str]]:
         measured = json.loads(calibration.read_text())["checkpoint_sha256"]
     except (ValueError, KeyError, TypeError):
         raise PackagingError(f"{calibration}: not a calibration written by calibrate.json") from None
-    if measured != hashlib.sha256((bundle / WEIGHTS).read_bytes()).hexdigest():
+    if measured != weights_sha256(bundle):
         raise PackagingError(f"{calibration}: measured on other weights than {bundle / WEIGHTS}; rerun calibrate.json "
                              f"or delete it")
     return [("calibration", f"{CALIBRATION} measured on these weights (SHA-256)")]

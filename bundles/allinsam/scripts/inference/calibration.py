@@ -13,7 +13,7 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 from PIL import Image
 
-from ..data import INSTANCE_METHODS, write_json_atomic
+from ..data import INSTANCE_METHODS, read_instance_map, write_json_atomic
 from ..metrics import nuclei_metrics
 from ..networks.sam_backbones import sha256_of_file
 
@@ -58,8 +58,8 @@ def calibrate(predictions_dir: str | os.PathLike, datalist: str | os.PathLike, s
         probability_png = predictions_dir / f"{Path(entry['image']).stem}_prob.png"
         if not probability_png.is_file():
             raise FileNotFoundError(f"{probability_png}: missing (run inference.json on the {split} split first)")
-        with Image.open(probability_png) as probability, Image.open(entry["instances"]) as truth:
-            cases.append((np.asarray(probability, dtype=np.float64) / 255, np.asarray(truth)))
+        with Image.open(probability_png) as probability:
+            cases.append((np.asarray(probability, dtype=np.float64) / 255, read_instance_map(entry["instances"])))
     chosen = choose_postprocessing(cases)
     record = {"threshold": chosen["threshold"], "instances": chosen["instances"], "checkpoint": str(ckpt_path),
               "checkpoint_sha256": sha256_of_file(ckpt_path), "datalist": str(datalist), "split": split,
