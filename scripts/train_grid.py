@@ -5,6 +5,7 @@ section 6).
     python scripts/train_grid.py run --fraction 0.5pct --labels complete,weak --seeds 0,1,2 --epochs 15
     python scripts/train_grid.py table --runs_dir runs/grid_0.5pct --output docs/results/allinsam_0.5pct_cpu
     python scripts/train_grid.py nnunet --fraction 0.5pct --epochs 10 --iterations_per_epoch 50   # the baseline
+    python scripts/train_grid.py nnunet --fraction 0.5pct --budget_minutes 10 --iterations_per_epoch 50  # same clock
 
 Each run is the bundle's own two commands (``monai.bundle run training`` with ``configs/datasets/monuseg.json``
 merged, then ``inference.json`` + ``evaluate.json`` on the test split), logged to ``<runs_dir>/<tag>/*.log``.
@@ -88,13 +89,16 @@ def _grid(labels: str | tuple, seeds: str | int | tuple) -> tuple[list[str], lis
 def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), seeds: str | tuple = (0, 1, 2),
         epochs: int = 15, val_interval: int = 5, val_crop_size: int = 256, sw_overlap: float = 0.0,
         checkpoint: str = "last", dataset_dir: str = "data/monuseg", runs_dir: str | None = None,
-        calibrate: bool = False, **overrides) -> str:
+        calibrate: bool = False, evaluate: bool = True, **overrides) -> str:
     """Train + evaluate every (labels, seed); extra ``--key value`` options go to training (e.g. ``--batch_size 1``).
 
     ``checkpoint``: ``last`` (the final epoch; for short CPU budgets, where the validation Dice of a few
     validation crops is a noisy pick) or ``best`` (``model.pt``, best validation Dice).
     ``calibrate``: choose the threshold and the instance split on the validation images (the bundle's
     ``calibrate.json``) and score the test split with them, instead of 0.5 and components.
+    ``evaluate``: False trains only (its time and steps go to ``timing.csv``); a later run with True evaluates the
+    trained runs without training them again, so budgeted trainings can run alone on the machine and their
+    evaluations later, beside other work.
     """
     if checkpoint not in ("last", "best"):
         raise ValueError(f"checkpoint must be 'last' or 'best', got {checkpoint!r}")
@@ -108,11 +112,20 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
             if (run_dir / "test" / "metrics.csv").is_file():
                 print(f"{run_dir.name}: done already")
                 continue
-            train = {**dataset, "labels": label, "seed": seed, "epochs": epochs, "val_interval": val_interval,
-                     "val_crop_size": val_crop_size, "ckpt_dir": run_dir / "models",
-                     "output_dir": run_dir / "tensorboard", **overrides}
-            seconds = _run_logged(_bundle_command([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"],
-                                                  "training", train), run_dir / "train.log")
+            timing = run_dir / "timing.csv"
+            seconds = _read_timing(timing)["train_s"]
+            if seconds != seconds:  # not trained yet (NaN)
+                train = {**dataset, "labels": label, "seed": seed, "epochs": epochs, "val_interval": val_interval,
+                         "val_crop_size": val_crop_size, "ckpt_dir": run_dir / "models",
+                         "output_dir": run_dir / "tensorboard", **overrides}
+                seconds = _run_logged(_bundle_command(
+                    [CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"], "training", train),
+                    run_dir / "train.log")
+                steps = training_steps(last_checkpoint(run_dir / "models"))
+                timing.write_text(f"train_s,evaluate_s,steps\n{seconds:.1f},,{steps}\n")
+            if not evaluate:
+                print(f"{run_dir.name}: trained in {seconds:.0f} s")
+                continue
             weights = run_dir / "models" / "model.pt" if checkpoint == "best" else last_checkpoint(run_dir / "models")
             inference = {**dataset, "labels": label, "ckpt_path": weights, "sw_overlap": sw_overlap,
                          **{key: overrides[key] for key in NETWORK_OPTIONS if key in overrides}}
@@ -122,7 +135,7 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
                 [CONFIGS / "inference.json", CONFIGS / "evaluate.json", CONFIGS / "datasets" / "monuseg.json"],
                 None, evaluate), run_dir / "evaluate.log")
             steps = training_steps(last_checkpoint(run_dir / "models"))
-            (run_dir / "timing.csv").write_text(f"train_s,evaluate_s,steps\n{seconds:.1f},{eval_seconds:.1f},{steps}\n")
+            timing.write_text(f"train_s,evaluate_s,steps\n{seconds:.1f},{eval_seconds:.1f},{steps}\n")
             print(f"{run_dir.name}: trained in {seconds:.0f} s ({steps} steps), evaluated in {eval_seconds:.0f} s")
     return str(runs)
 
@@ -177,9 +190,9 @@ def _read_means(metrics_csv: Path) -> dict[str, float]:
         return {name: float(value) for name, value in csv.reader(handle)}
 
 
-def _read_timing(metrics_csv: Path) -> dict[str, float]:
-    """``train_s`` (whole training command, start-up included) and ``steps`` of a run; NaN where not recorded."""
-    timing = metrics_csv.parent.parent / "timing.csv"
+def _read_timing(timing: Path) -> dict[str, float]:
+    """``train_s`` (whole training command, start-up included) and ``steps`` of a run's ``timing.csv``; NaN where
+    not recorded."""
     row = {}
     if timing.is_file():
         with open(timing) as handle:
@@ -211,8 +224,9 @@ def table(runs_dir: str, output: str, hardware: str = "CPU, 2 cores", note: str 
     rows = {}
     for metrics_csv in sorted(Path(runs_dir).glob("*/test/metrics.csv")):
         fraction, label, seed = metrics_csv.parent.parent.name.rsplit("_", 2)
+        timing = _read_timing(metrics_csv.parent.parent / "timing.csv")
         rows.setdefault((fraction, label), []).append(
-            (seed, _read_means(metrics_csv) | _read_timing(metrics_csv) | {"post": _read_postprocessing(metrics_csv)}))
+            (seed, _read_means(metrics_csv) | timing | {"post": _read_postprocessing(metrics_csv)}))
     if not rows:
         raise FileNotFoundError(f"{runs_dir}: no */test/metrics.csv (run `train_grid.py run` first)")
     output = Path(output)

@@ -131,31 +131,32 @@ def test_tail_network_gives_the_same_logits_from_cached_features(tail_stages):
     assert trained == {str(3 - k) for k in range(tail_stages)}  # the last stages, no other
 
 
-def _run(seconds_per_iteration: float, budget: TrainingBudget) -> tuple[Engine, list[float], int]:
-    """Run a dummy engine of 2-iteration epochs under ``budget``: (engine, elapsed budget at each epoch end,
-    iterations run)."""
+def _run(seconds_per_iteration: float, budget: TrainingBudget) -> tuple[list[float], list[int]]:
+    """Run a dummy engine of 4-iteration epochs under ``budget``: (elapsed budget after each iteration, iteration
+    count at each epoch end)."""
     engine = Engine(lambda engine, batch: time.sleep(seconds_per_iteration))
     budget.attach(engine)
-    at_epoch_end = []
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: at_epoch_end.append(budget.elapsed))
-    engine.run(range(2), max_epochs=100)
-    return engine, at_epoch_end, engine.state.iteration
+    at_iteration, epoch_ends = [], []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: at_iteration.append(budget.elapsed))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: epoch_ends.append(engine.state.iteration))
+    engine.run(range(4), max_epochs=100)
+    return at_iteration, epoch_ends
 
 
-def test_budget_stops_at_the_first_epoch_end_past_it_and_resumes_with_what_is_left():
-    budget = TrainingBudget(minutes=0.5 / 60, total_steps=1000)  # 0.5 s
-    engine, at_epoch_end, _ = _run(0.1, budget)
-    assert at_epoch_end[-1] >= 0.5 and all(elapsed < 0.5 for elapsed in at_epoch_end[:-1])
-    assert len(at_epoch_end) >= 2 and engine.state.epoch == len(at_epoch_end)
+def test_budget_stops_at_the_first_step_past_it_and_resumes_with_what_is_left():
+    budget = TrainingBudget(minutes=0.55 / 60, total_steps=1000)  # 0.55 s: past it in the second epoch
+    at_iteration, epoch_ends = _run(0.1, budget)
+    assert at_iteration[-1] >= 0.55 and all(elapsed < 0.55 for elapsed in at_iteration[:-1])
+    assert epoch_ends[-1] == len(at_iteration) > 4  # the cut epoch still ends, so its checkpoint is written
     resumed = TrainingBudget(minutes=1.0 / 60, total_steps=1000)  # a longer budget, resumed: what is left of 1 s
     resumed.load_state_dict(budget.state_dict())
-    _, at_epoch_end, _ = _run(0.1, resumed)
-    assert at_epoch_end[0] > budget.elapsed
-    assert at_epoch_end[-1] >= 1.0 and all(elapsed < 1.0 for elapsed in at_epoch_end[:-1])
-    spent = TrainingBudget(minutes=0.5 / 60, total_steps=1000)
+    at_iteration, _ = _run(0.1, resumed)
+    assert at_iteration[0] > budget.elapsed
+    assert at_iteration[-1] >= 1.0 and all(elapsed < 1.0 for elapsed in at_iteration[:-1])
+    spent = TrainingBudget(minutes=0.55 / 60, total_steps=1000)
     spent.load_state_dict(budget.state_dict())  # the same budget again: a finished run stays finished
-    _, _, iterations = _run(0.1, spent)
-    assert iterations == 0
+    at_iteration, _ = _run(0.1, spent)
+    assert at_iteration == []
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine_to_the_end_factor():
@@ -228,3 +229,4 @@ def test_pretrained_encoder_weights_step_at_the_scaled_learning_rate(trainable):
         assert max(moved[name] for name in encoder_names) == pytest.approx(2e-4, rel=0.01)
     with pytest.raises(ValueError, match="encoder_lr_scale"):
         parameter_groups(network, 1e-3, encoder_lr_scale=0.0)
+

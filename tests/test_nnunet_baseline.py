@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +108,29 @@ def test_tiny_cpu_training_resume_and_prediction(tmp_path):
         assert np.all(probability[mask == 1] >= 127) and np.all(probability[mask == 0] <= 128)
 
 
+
+@pytest.mark.slow
+def test_budgeted_training_stops_past_the_budget_and_resumes_with_what_is_left(tmp_path):
+    datalist = SAMPLE_CROPS / "datalist.json"
+    train = ["training", "--config_file", str(CONFIGS / "train.json"), "--datalist", str(datalist),
+             "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", "--work_dir", str(tmp_path / "work"),
+             "--device", "$torch.device('cpu')"]
+    fold = tmp_path / "work/nnUNet_results/Dataset001_MoNuSeg/nnUNetTrainer__nnUNetPlans__2d/fold_all"
+    _bundle(*train, "--budget_minutes", "0.05")  # 3 s: the first epoch ends past it
+    spent = json.loads((fold / "training_budget.json").read_text())
+    assert spent["epochs"] == 1 and spent["elapsed_s"] >= 3
+    assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 1
+    assert "trained already (1 epochs)" in _bundle(*train, "--budget_minutes", "0.05").stdout
+    # a longer budget goes on from the checkpoint for what is left, the poly schedule spread over the budget
+    longer = _bundle(*train, "--budget_minutes", f"{(spent['elapsed_s'] + 15) / 60:.4f}")
+    resumed = json.loads((fold / "training_budget.json").read_text())
+    assert resumed["epochs"] >= 2 and resumed["elapsed_s"] >= spent["elapsed_s"] + 15
+    assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == resumed["epochs"]
+    log = longer.stdout + longer.stderr
+    assert "Epoch 0" not in log and "Epoch 1" in log
+    rates = [float(line.rsplit(":", 1)[1]) for line in log.splitlines() if "Current learning rate" in line]
+    assert rates and rates[0] < 0.0095  # nnU-Net's 0.01 decayed over the budget's few epochs, not over 1000
+
 def test_grid_refuses_an_option_no_config_defines_before_running(tmp_path):
     import train_grid
 
@@ -115,3 +139,30 @@ def test_grid_refuses_an_option_no_config_defines_before_running(tmp_path):
     with pytest.raises(ValueError, match="--batch_sise"):
         train_grid.run(runs_dir=str(tmp_path), batch_sise=1)
     assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_grid_trains_alone_then_evaluates_without_training_again(tmp_path, monkeypatch):
+    import train_grid
+
+    commands = []
+
+    def fake_run(command: list[str], log) -> float:
+        """Stands in for the bundle's processes: training leaves a checkpoint, evaluation its metrics."""
+        commands.append(command)
+        options = {key: value for key, value in zip(command, command[1:]) if key.startswith("--")}
+        if "training" in command:
+            models = Path(options["--ckpt_dir"])
+            models.mkdir(parents=True)
+            torch.save({"trainer": {"iteration": 7}}, models / "last_checkpoint_epoch=1.pt")
+            return 42.0
+        Path(options["--output_dir"]).mkdir(parents=True)
+        (Path(options["--output_dir"]) / "metrics.csv").write_text("dice,0.5\n")
+        return 3.0
+
+    monkeypatch.setattr(train_grid, "_run_logged", fake_run)
+    train_grid.run(labels="weak", seeds="0", runs_dir=str(tmp_path), evaluate=False, budget_minutes=10)
+    assert len(commands) == 1 and "training" in commands[0]
+    assert (tmp_path / "0.5pct_weak_seed0/timing.csv").read_text() == "train_s,evaluate_s,steps\n42.0,,7\n"
+    train_grid.run(labels="weak", seeds="0", runs_dir=str(tmp_path), budget_minutes=10)
+    assert len(commands) == 2 and "training" not in commands[1]  # evaluated, not trained again
+    assert (tmp_path / "0.5pct_weak_seed0/timing.csv").read_text() == "train_s,evaluate_s,steps\n42.0,3.0,7\n"

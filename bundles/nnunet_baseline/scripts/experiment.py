@@ -12,6 +12,7 @@ import torch
 from monai.data import PILWriter
 from tqdm import tqdm
 
+from .budget import BUDGET_FILE, spent_seconds, train_for_minutes
 from .raw_dataset import write_raw_dataset
 
 NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -93,11 +94,13 @@ class NnUNetExperiment:
         return str(plans_file)
 
     def train(self, epochs: int = 1000, iterations_per_epoch: int = 250, val_iterations_per_epoch: int = 50,
-              save_every: int = 1, resume: bool = True) -> str:
+              save_every: int = 1, resume: bool = True, budget_minutes: float | None = None) -> str:
         """Train fold ``fold``; returns the final checkpoint. nnU-Net's defaults are 1000 epochs of 250 iterations.
 
         ``save_every`` epochs the latest checkpoint is written (nnU-Net's default is 50); with ``resume`` a killed
         run continues from it, a finished run is not trained again, and one finished with fewer epochs goes on.
+        ``budget_minutes``: train for this wall-clock time instead of ``epochs`` (``budget.train_for_minutes``); a
+        resumed run spends what is left of it.
         """
         self._environment()
         from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
@@ -105,7 +108,8 @@ class NnUNetExperiment:
         final = self.fold_folder / "checkpoint_final.pth"
         if resume and final.is_file():
             trained = torch.load(final, map_location="cpu", weights_only=False)["current_epoch"]
-            if trained >= epochs:
+            done = trained >= epochs if budget_minutes is None else spent_seconds(final.parent) >= 60 * budget_minutes
+            if done:
                 print(f"{final}: trained already ({trained} epochs)")
                 return str(final)
         trainer = get_trainer_from_args(self.dataset, self.configuration, self.fold, self.trainer, self.plans,
@@ -113,8 +117,13 @@ class NnUNetExperiment:
         trainer.num_epochs, trainer.save_every = int(epochs), int(save_every)
         trainer.num_iterations_per_epoch = int(iterations_per_epoch)
         trainer.num_val_iterations_per_epoch = int(val_iterations_per_epoch)
+        if not resume:
+            (self.fold_folder / BUDGET_FILE).unlink(missing_ok=True)
         maybe_load_checkpoint(trainer, continue_training=resume, validation_only=False)
-        trainer.run_training()
+        if budget_minutes is None:
+            trainer.run_training()
+        else:
+            train_for_minutes(trainer, budget_minutes)
         return str(final)
 
     def predict(self, images: list[str], output_dir: str, use_mirroring: bool = True, tile_step_size: float = 0.5,

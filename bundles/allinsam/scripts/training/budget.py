@@ -8,8 +8,9 @@ from ignite.engine import Engine, Events
 
 class TrainingBudget:
     """The learning-rate shape of a run (linear warm-up over ``warmup_steps``, then cosine down to ``end_factor``)
-    over either ``total_steps`` or, when ``minutes`` is set, the wall-clock budget: training stops at the first epoch
-    end past the budget, and the cosine follows the elapsed share of it. The elapsed time is checkpointed, so a
+    over either ``total_steps`` or, when ``minutes`` is set, the wall-clock budget: training stops after the first
+    optimizer step past the budget (that epoch is cut short but still ends, so the epoch-end checkpoint is written),
+    and the cosine follows the elapsed share of it. The elapsed time is checkpointed, so a
     resumed run spends only what is left.
 
     Use ``lr_factor`` as a ``LambdaLR`` lambda and attach to the trainer.
@@ -43,6 +44,7 @@ class TrainingBudget:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.EPOCH_STARTED, self._stop_when_spent)  # a resumed run whose budget is spent
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._end_epoch_when_spent)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._stop_when_spent)
         engine.add_event_handler(Events.COMPLETED, self._pause)
 
@@ -51,6 +53,10 @@ class TrainingBudget:
 
     def _pause(self, engine: Engine) -> None:
         self._spent, self._started = self.elapsed, None
+
+    def _end_epoch_when_spent(self, engine: Engine) -> None:
+        if self.seconds is not None and self.elapsed >= self.seconds:
+            engine.terminate_epoch()
 
     def _stop_when_spent(self, engine: Engine) -> None:
         if self.seconds is not None and self.elapsed >= self.seconds:
