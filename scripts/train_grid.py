@@ -134,9 +134,11 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
             eval_seconds = _run_logged(_bundle_command(
                 [CONFIGS / "inference.json", CONFIGS / "evaluate.json", CONFIGS / "datasets" / "monuseg.json"],
                 None, evaluate), run_dir / "evaluate.log")
-            steps = training_steps(last_checkpoint(run_dir / "models"))
-            timing.write_text(f"train_s,evaluate_s,steps\n{seconds:.1f},{eval_seconds:.1f},{steps}\n")
-            print(f"{run_dir.name}: trained in {seconds:.0f} s ({steps} steps), evaluated in {eval_seconds:.0f} s")
+            with open(timing) as handle:
+                trained = next(csv.DictReader(handle))  # written once, when training finished
+            timing.write_text(f"train_s,evaluate_s,steps\n{trained['train_s']},{eval_seconds:.1f},{trained['steps']}\n")
+            print(f"{run_dir.name}: trained in {seconds:.0f} s ({trained['steps']} steps), "
+                  f"evaluated in {eval_seconds:.0f} s")
     return str(runs)
 
 
