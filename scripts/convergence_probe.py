@@ -172,7 +172,7 @@ def cache(datalist: str, views: int = 96, seed: int = 0, output: str | None = No
                 image = read_rgb_image(datalist.parent / entry["image"])
                 windows, grid = _windows(image, zoom)
                 feats = torch.cat([net.frozen_features(w[None]) for w in windows]).to(torch.bfloat16)
-                truth = _label(datalist.parent / entry["label"].replace("weak/", "").replace("_weak", ""))
+                truth = _label(datalist.parent / entry["label"])  # the weak setting scores against its pseudo masks
                 items.append({"name": Path(entry["image"]).stem, "features": feats, "grid": grid, "zoom": zoom,
                               "shape": image.shape[:2], "truth": torch.from_numpy(truth)})
         torch.save(items, out / "validation.pt")
@@ -205,10 +205,11 @@ def validation_dice(net: AllInSamNet, items: list[dict], embed) -> tuple[float, 
 
 def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, steps: int = 600, batch: int = 4,
           lr: float = 5e-4, eval_every: int = 150, cache_dir: str | None = None, train_file: str | None = None,
-          zoom: float = 1.0, tail_stages: int = 1) -> None:
+          zoom: float = 1.0, tail_stages: int = 1, foreground_prior: float | None = None) -> None:
     """Fit ``head`` (``decoder``: mask decoder + no-mask embedding on frozen embeddings; ``tail``: also TinyViT's
     last stage and neck) on the cached views; print validation Dice. ``train_file``: cached view files,
-    comma-separated (default ``train_v<views>_s0.pt``); ``zoom``: the cache made with that zoom."""
+    comma-separated (default ``train_v<views>_s0.pt``); ``zoom``: the cache made with that zoom;
+    ``foreground_prior``: the network's option of that name (the output bias set on the first batch)."""
     datalist = Path(datalist)
     out = Path(cache_dir or _cache_dir(datalist, zoom, tail_stages))
     files = (train_file.split(",") if isinstance(train_file, str) else list(train_file)) if train_file else [
@@ -217,7 +218,7 @@ def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, 
     cached = {key: torch.cat([part[key] for part in parts]) for key in ("features", "labels")}
     items = torch.load(out / "validation.pt")
     torch.manual_seed(seed)
-    net = AllInSamNet(trainable=head, tail_stages=tail_stages)
+    net = AllInSamNet(trainable=head, tail_stages=tail_stages, foreground_prior=foreground_prior)
     params = [p for p in net.parameters() if p.requires_grad]
     tail = lambda x: encoder_tail(net.sam.image_encoder, x, tail_stages)  # noqa: E731
     features, labels = cached["features"], cached["labels"]
@@ -231,20 +232,22 @@ def train(datalist: str, head: str = "decoder", views: int = 96, seed: int = 0, 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
-    start = time.perf_counter()
+    start, losses = time.perf_counter(), []
     for step in range(1, steps + 1):
         net.train()  # the (partly) frozen encoder stays in eval mode
         index = torch.from_numpy(rng.choice(len(features), batch, replace=False))
         f = features[index].float()
         embeddings = embed(f)
         loss = dice_bce(net.decode(embeddings), labels[index])
+        losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % eval_every == 0 or step == steps:
             dice = validation_dice(net, items, embed)
-            print(f"{head} step {step}: loss {loss.item():.3f}, val Dice@0.5 {dice[0]:.4f}, best {dice[1]:.4f} "
+            print(f"{head} step {step}: loss {loss.item():.3f} (mean of the last {min(step, eval_every)}: "
+                  f"{np.mean(losses[-eval_every:]):.3f}), val Dice@0.5 {dice[0]:.4f}, best {dice[1]:.4f} "
                   f"@{dice[2]}, {time.perf_counter() - start:.0f} s", flush=True)
 
 

@@ -106,6 +106,41 @@ def test_one_step_trains_adapter_and_decoder_and_leaves_the_encoder_alone(crops)
     assert any(not torch.equal(p, q) for p, q in zip(net.sam.mask_decoder.parameters(), decoder_before))
 
 
+def test_foreground_prior_sets_the_logit_bias_on_the_first_training_batch(tmp_path, crops):
+    """The pretrained decoder's prompt-free logits start near -20 (all background); with ``foreground_prior`` the
+    first training batch sets a trainable bias so its mean logit is logit(prior); later batches train it, and the
+    weights load into a network built without the option (inference) and give the same logits."""
+    torch.manual_seed(0)
+    paper = AllInSamNet(trainable="decoder").train()
+    with torch.no_grad():
+        decoder_logits = paper(crops)
+    assert torch.sigmoid(decoder_logits).mean() < 1e-3  # measured 3e-9 on the weak 0.5 % views
+    assert not paper.logit_bias.requires_grad and torch.equal(paper.logit_bias, torch.zeros(1))
+
+    net = AllInSamNet(trainable="decoder", foreground_prior=0.2).train()
+    logits = net(crops)
+    assert abs(logits.mean().item() - np.log(0.2 / 0.8)) < 1e-3
+    torch.testing.assert_close(logits.detach(), decoder_logits + net.logit_bias.detach())
+    label = (crops.mean(dim=1, keepdim=True) < 0.5).float()
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, label).backward()
+    assert net.logit_bias.grad is not None and net.logit_bias.grad.abs().item() > 0
+    bias = net.logit_bias.detach().clone()
+    net(crops[:1])
+    assert torch.equal(net.logit_bias.detach(), bias)  # set once, then only the optimizer moves it
+
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    restored = AllInSamNet(trainable="decoder").train()  # built as inference builds it; training mode changes nothing
+    restored.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(crops), logits.detach())
+    without_bias = {k: v for k, v in net.state_dict().items() if not k.startswith("logit_bias")}  # older weights
+    restored.load_state_dict(without_bias)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(crops), decoder_logits)
+    with pytest.raises(ValueError, match="foreground_prior must be None or in"):
+        AllInSamNet(trainable="decoder", foreground_prior=1.0)
+
+
 def test_checkpoint_round_trip(tmp_path, crops):
     torch.manual_seed(1)
     trained = AllInSamNet().eval()

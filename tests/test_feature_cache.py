@@ -17,6 +17,7 @@ from scripts.training import (
     AugmentedViewd,
     FrozenFeaturesd,
     TrainingBudget,
+    ValidateAtTheEnd,
     ViewCacheKey,
     parameter_groups,
     view_datalist,
@@ -157,6 +158,23 @@ def test_budget_stops_at_the_first_step_past_it_and_resumes_with_what_is_left():
     spent.load_state_dict(budget.state_dict())  # the same budget again: a finished run stays finished
     at_iteration, _ = _run(0.1, spent)
     assert at_iteration == []
+
+
+def test_a_run_that_ends_between_validations_is_validated_at_its_end():
+    """A budget spent in epoch 3 of a run validated every 5 epochs still gets one validation, at epoch 3 (so its
+    best-model checkpoint exists); a run that ends on a validated epoch is not validated twice."""
+    from monai.engines import Evaluator
+    from monai.handlers import ValidationHandler
+
+    for max_epochs, interval, expected in ((3, 5, [3]), (4, 2, [2, 4]), (3, 1, [1, 2, 3])):
+        validated = []
+        validator = Evaluator(device="cpu", val_data_loader=[0], iteration_update=lambda engine, batch: None)
+        validator.add_event_handler(Events.COMPLETED, lambda engine: validated.append(engine.state.epoch))
+        trainer = Engine(lambda engine, batch: None)
+        ValidationHandler(validator=validator, interval=interval, epoch_level=True).attach(trainer)
+        ValidateAtTheEnd(validator).attach(trainer)
+        trainer.run(range(2), max_epochs=max_epochs)
+        assert validated == expected, (max_epochs, interval)
 
 
 def test_learning_rate_warms_up_then_follows_the_cosine_to_the_end_factor():

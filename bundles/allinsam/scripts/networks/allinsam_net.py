@@ -1,10 +1,13 @@
 """AllInSamNet: a SAM with SAM-Adapter prompts in its frozen image encoder, decoding nuclei without any prompt."""
 
 import logging
+import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -50,13 +53,19 @@ class AllInSamNet(nn.Module):
         scale_factor: adapter width = encoder width // scale_factor.
         inference_precision: ``float32``, or ``bfloat16``: in eval mode the forward pass runs under bfloat16
             autocast (about 2x faster on a CPU with AVX-512 BF16); logits come back as float32. Training is float32.
+        foreground_prior: None keeps the decoder's own logits (the paper). A share in (0, 1) adds a trainable
+            per-class bias to the logits, set on the first training batch so that its mean logit is
+            logit(``foreground_prior``): the pretrained decoder's prompt-free logits start near -20 (probability
+            3e-9), far from any foreground share (the prior initialisation of RetinaNet's classifier, from data).
     """
 
     def __init__(self, backbone: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
                  pretrained: bool = True, image_size: int = 1024, trainable: str = "adapter", out_channels: int = 1,
                  freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None,
-                 inference_precision: str = "float32", tail_stages: int = 1):
+                 inference_precision: str = "float32", tail_stages: int = 1, foreground_prior: float | None = None):
         super().__init__()
+        if foreground_prior is not None and not 0.0 < foreground_prior < 1.0:
+            raise ValueError(f"foreground_prior must be None or in (0, 1), got {foreground_prior}")
         if trainable not in TRAINABLE_CHOICES:
             raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {trainable!r}")
         if inference_precision not in PRECISION_CHOICES:
@@ -79,6 +88,9 @@ class AllInSamNet(nn.Module):
         for parameter in sam.prompt_encoder.parameters():
             parameter.requires_grad = False
         sam.prompt_encoder.no_mask_embed.weight.requires_grad = True
+        self.foreground_prior = foreground_prior
+        self.logit_bias = nn.Parameter(torch.zeros(out_channels), requires_grad=foreground_prior is not None)
+        self.register_buffer("logit_bias_set", torch.tensor(foreground_prior is None))
         trained, total = self.parameter_counts()
         recipe = f"trainable={trainable}" + (f", tail_stages={tail_stages}" if trainable == "tail" else "")
         logger.info(f"AllInSamNet({backbone}, {recipe}): {trained:,} of {total:,} parameters trainable")
@@ -95,6 +107,12 @@ class AllInSamNet(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; weights of another recipe or backbone fail with a short message saying
         which (instead of hundreds of missing and unexpected names)."""
+        if "logit_bias" not in state_dict:  # weights from before the output bias: the decoder's own logits
+            metadata = getattr(state_dict, "_metadata", None)
+            state_dict = OrderedDict(state_dict, logit_bias=torch.zeros_like(self.logit_bias),
+                                     logit_bias_set=torch.tensor(True))
+            if metadata is not None:
+                state_dict._metadata = metadata
         if strict:
             own, given = set(self.state_dict()), set(state_dict)
             if own != given:
@@ -194,8 +212,21 @@ class AllInSamNet(nn.Module):
         finally:
             if hook is not None:
                 hook.remove()
-        logits = torch.cat(masks)[:, :self.out_channels]
+        logits = self._with_logit_bias(torch.cat(masks)[:, :self.out_channels])
         return (logits, torch.cat(features)) if return_features else logits
+
+    def _with_logit_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) + the per-class ``logit_bias``, which the first training batch sets (``foreground_prior``)."""
+        if self.training and not bool(self.logit_bias_set):
+            mean = logits.detach().float().mean(dim=(0, 2, 3))
+            if dist.is_available() and dist.is_initialized():  # one bias for every rank
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            with torch.no_grad():
+                self.logit_bias.copy_(math.log(self.foreground_prior / (1.0 - self.foreground_prior)) - mean)
+                self.logit_bias_set.fill_(True)
+            logger.info(f"logit bias set on the first batch: {self.logit_bias.tolist()} (mean logit {mean.tolist()})")
+        return logits + self.logit_bias.to(logits.dtype).view(1, -1, 1, 1)
 
 
 class FeatureHead(nn.Module):

@@ -1,4 +1,4 @@
-from .budget import TrainingBudget
+from .budget import TrainingBudget, ValidateAtTheEnd
 from .checkpoints import (
     LAST_CHECKPOINT_PREFIX,
     EarlyStopState,
@@ -26,6 +26,7 @@ __all__ = [
     "AugmentedViewd",
     "FrozenFeaturesd",
     "TrainingBudget",
+    "ValidateAtTheEnd",
     "ViewCacheKey",
     "feature_cache_dataset",
     "frozen_weights_sha256",

@@ -71,3 +71,19 @@ class TrainingBudget:
         self._spent = float(state["elapsed_s"])
         if self._started is not None:
             self._started = time.monotonic()
+
+
+class ValidateAtTheEnd:
+    """Validate once more when training ends on an epoch the validator has not seen (a budget spent, or
+    ``max_epochs`` not a multiple of the validation interval), so a run of any length writes its best-model
+    checkpoint. Ours because MONAI's ``ValidationHandler`` validates only every ``interval`` epochs."""
+
+    def __init__(self, validator: Engine):
+        self.validator = validator
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch > 0 and self.validator.state.epoch != engine.state.epoch:
+            self.validator.run(engine.state.epoch)
