@@ -59,6 +59,10 @@ def bundle_workflow(files, workflow_type: str | None = None, **overrides) -> Con
     return workflow
 
 
+# what ``trained_allinsam`` trains with and a run resuming its checkpoint must repeat (the optimizer state's groups)
+TRAINED_ALLINSAM_OPTIONS = {"views": 2, "foreground_prior": None}
+
+
 @pytest.fixture(scope="session")
 def trained_allinsam(tmp_path_factory) -> tuple[ConfigWorkflow, Path]:
     """Two short epochs of the real training config on the sample crops (validation every epoch), once per test
@@ -67,9 +71,9 @@ def trained_allinsam(tmp_path_factory) -> tuple[ConfigWorkflow, Path]:
     (probabilities 0.65-0.85 on the test crops, a spatially varying map for the tests that compare outputs). Without
     the default output bias: with it, two such steps saturate every pixel near 1 (0.9995-1.0 measured)."""
     root = tmp_path_factory.mktemp("train")
-    workflow = bundle_workflow([CONFIGS / "train.json"], "train", epochs=2, views=2, val_interval=1, warmup_steps=0,
-                               learning_rate=0.002, foreground_prior=None, ckpt_dir=str(root / "models"),
-                               output_dir=str(root / "runs"))
+    workflow = bundle_workflow([CONFIGS / "train.json"], "train", epochs=2, val_interval=1, warmup_steps=0,
+                               learning_rate=0.002, ckpt_dir=str(root / "models"), output_dir=str(root / "runs"),
+                               **TRAINED_ALLINSAM_OPTIONS)
     assert workflow.check_properties() in (None, [])
     workflow.run()
     return workflow, root / "models"

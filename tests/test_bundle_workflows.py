@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, SAMPLE_CROPS, bundle_workflow
+from conftest import BUNDLE, SAMPLE_CROPS, TRAINED_ALLINSAM_OPTIONS, bundle_workflow
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.transforms import Compose
 from PIL import Image
@@ -40,8 +40,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(trained_allinsam, tmp_path)
     resumed_models = tmp_path / "models"
     resumed_models.mkdir()
     (resumed_models / "last_checkpoint_epoch=2.pt").write_bytes((models / "last_checkpoint_epoch=2.pt").read_bytes())
-    workflow = bundle_workflow([TRAIN], "train", epochs=3, views=2, val_interval=5, ckpt_dir=str(resumed_models),
-                               output_dir=str(tmp_path / "runs"), foreground_prior=None)  # the fixture's options
+    workflow = bundle_workflow([TRAIN], "train", epochs=3, val_interval=5, ckpt_dir=str(resumed_models),
+                               output_dir=str(tmp_path / "runs"), **TRAINED_ALLINSAM_OPTIONS)
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 3 and trainer.state.iteration == 3  # one more epoch, not three

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import BUNDLE, REPO, bundle_workflow
+from conftest import BUNDLE, REPO, TRAINED_ALLINSAM_OPTIONS, bundle_workflow
 
 from scripts.training import KeepUntilReplacedDiskSaver
 
@@ -78,9 +78,8 @@ def test_early_stopping_and_best_model_state_survive_a_restart(trained_allinsam,
     shutil.copy(trained / "model.pt", models / "model.pt")
     best_before = (models / "model.pt").read_bytes()
 
-    workflow = bundle_workflow([TRAIN], "train", epochs=3, views=2, val_interval=1, early_stop_patience=100,
-                               ckpt_dir=str(models), output_dir=str(tmp_path / "runs"),
-                               foreground_prior=None)  # the options the resumed checkpoint was trained with
+    workflow = bundle_workflow([TRAIN], "train", epochs=3, val_interval=1, early_stop_patience=100,
+                               ckpt_dir=str(models), output_dir=str(tmp_path / "runs"), **TRAINED_ALLINSAM_OPTIONS)
     workflow.run()
     early_stop = workflow.parser.get_parsed_content("validate#early_stop")._handler
     assert (early_stop.counter, early_stop.best_score) == (4, 1e9)  # restored, then one more epoch without gain
@@ -110,8 +109,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(traine
     for name in ("last_checkpoint_epoch=2.pt", "model.pt"):
         shutil.copy(trained / name, models / name)
     before = {path.name: path.read_bytes() for path in models.iterdir()}
-    workflow = bundle_workflow([TRAIN], "train", epochs=4, views=2, val_interval=1, ckpt_dir=str(models),
-                               output_dir=str(tmp_path / "runs"), foreground_prior=None,  # the checkpoint's
+    workflow = bundle_workflow([TRAIN], "train", epochs=4, val_interval=1, ckpt_dir=str(models),
+                               output_dir=str(tmp_path / "runs"), **TRAINED_ALLINSAM_OPTIONS,
                                loss="$lambda prediction, label: (prediction * float('nan')).mean()")
     with pytest.raises(RuntimeError) as caught:  # MONAI wraps the error of a config expression
         workflow.run()
