@@ -1,10 +1,15 @@
-"""Whole-image inference time of the bundle's ``inference.json`` (sliding window, gaussian blending) per image.
+"""Whole-image inference time of the bundle's ``inference.json`` (sliding window, gaussian blending) per image, for
+each numerics option and sliding-window overlap, against float32 and against this CPU's matrix-multiply rate.
 
     python scripts/bench_inference.py --ckpt_path runs/grid_0.5pct/0.5pct_complete_seed0/models/model.pt \
-        --images "data/monuseg/cases/images/TCGA-2Z*.png,data/monuseg/cases/images/TCGA-44*.png" --overlaps 0,0.25
+        --images "data/monuseg/cases/images/TCGA-2Z*.png,data/monuseg/cases/images/TCGA-44*.png" \
+        --overlaps 0,0.25 --precisions float32,bfloat16
 
-Prints seconds per 1000x1000 image for each sliding-window overlap (the first image is a warm-up when more than
-one is given), with reading, inference, post-processing and writing the PNGs included. Run it alone.
+Prints, per (overlap, precision): seconds per image (reading, inference, post-processing and writing the PNGs
+included; the first image is a warm-up when more than one is given), the speed-up over float32 at the same overlap,
+the Dice of its masks against float32's on the same images, and the network's GFLOP/s (its counted floating-point
+operations per window x windows / seconds) beside the 2048x2048 ``torch.matmul`` rate measured in the same run. Run it
+alone on the machine.
 """
 
 import tempfile
@@ -13,40 +18,111 @@ from glob import glob
 from pathlib import Path
 
 import fire
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "allinsam"
 import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
 
-def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25), sw_batch_size: int = 1) -> dict:
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of a ``size`` x ``size`` ``torch.matmul`` in ``dtype`` on this machine: calls for at least a second
+    as warm-up (the first one measured 44 against 102-104 GFLOP/s later on a 2-core AVX2 CPU), then for at least
+    ``seconds`` (one call each where the type is emulated: about a minute for bfloat16 on that CPU)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    rate = 0.0
+    for duration in (1.0, seconds):
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < duration:
+            a @ b
+            calls += 1
+        rate = 2 * size**3 * calls / (time.perf_counter() - start) / 1e9
+    return rate
+
+
+def window_gflop(network: torch.nn.Module) -> float:
+    """Floating-point operations (GFLOP) of one forward pass of ``network`` on one window, as torch counts them
+    (matrix multiplies and convolutions)."""
+    window = torch.rand(1, 3, network.image_size, network.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        network(window)
+    return counter.get_total_flops() / 1e9
+
+
+def _mask_dice(first: Path, second: Path) -> float:
+    a, b = np.asarray(Image.open(first)) > 0, np.asarray(Image.open(second)) > 0
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / float(total)
+
+
+def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, precision: str,
+         sw_batch_size: int) -> tuple[list[float], int, float]:
+    """One inference workflow over ``paths``: (seconds per image, network calls, GFLOP per window)."""
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
+    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer",
+                              ckpt_path=ckpt_path, output_dir=output, sw_overlap=overlap,
+                              inference_precision=precision, sw_batch_size=sw_batch_size, input_glob=None,
+                              data=[{"image": path} for path in paths])
+    workflow.initialize()
+    network = workflow.parser.get_parsed_content("network")
+    gflop = window_gflop(network.eval())
+    calls = []
+    network.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+    stamps = []
+    evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda _: stamps.append(time.perf_counter()))
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
+    workflow.run()
+    return [end - start for start, end in zip(stamps[0::2], stamps[1::2])], sum(calls), gflop
+
+
+def _floats(values: str | float | tuple) -> list[float]:
+    items = str(values).split(",") if isinstance(values, (str, int, float)) else values
+    return [float(value) for value in items if str(value).strip()]
+
+
+def _names(values: str | tuple) -> list[str]:
+    return [value.strip() for value in (values.split(",") if isinstance(values, str) else values) if value.strip()]
+
+
+def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
+         precisions: str | tuple = ("float32", "bfloat16"), sw_batch_size: int = 1) -> list[dict]:
     paths = sorted(path for pattern in images.split(",") for path in glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no image matches {images}")
-    overlaps = [float(value) for value in (str(overlaps).split(",") if isinstance(overlaps, (str, int, float))
-                                           else overlaps) if str(value).strip()]
-    results = {}
-    for overlap in overlaps:
-        with tempfile.TemporaryDirectory() as output:
-            workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer",
-                                      ckpt_path=ckpt_path, output_dir=output, sw_overlap=overlap,
-                                      sw_batch_size=sw_batch_size, input_glob=None, data=[{"image": p} for p in paths])
-            workflow.initialize()
-            evaluator = workflow.parser.get_parsed_content("evaluator")
-            stamps = []
-            evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda _: stamps.append(time.perf_counter()))
-            evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
-            workflow.run()
-            seconds = [end - start for start, end in zip(stamps[0::2], stamps[1::2])]
-            measured = seconds[1:] if len(seconds) > 1 else seconds
-            results[overlap] = sum(measured) / len(measured)
-            print(f"overlap {overlap:g}: {results[overlap]:.1f} s per image "
-                  f"({len(measured)} measured, threads {torch.get_num_threads()})")
-    return results
+    precisions = _names(precisions)
+    if precisions[0] != "float32":
+        precisions = ["float32"] + [name for name in precisions if name != "float32"]  # the reference comes first
+    rates = {name: matmul_gflops(getattr(torch, name)) for name in ("float32", "bfloat16") if name in precisions}
+    print("matmul 2048x2048: " + ", ".join(f"{name} {rate:.1f} GFLOP/s" for name, rate in rates.items())
+          + f" (threads {torch.get_num_threads()})")
+    measured = slice(1, None) if len(paths) > 1 else slice(None)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for overlap in _floats(overlaps):
+            reference = None
+            for precision in precisions:
+                output = Path(root) / f"{overlap:g}_{precision}"
+                seconds, windows, gflop = _run(ckpt_path, paths, str(output), overlap, precision, sw_batch_size)
+                per_image = float(np.mean(seconds[measured]))
+                reference = reference or (output, per_image)
+                dice = np.mean([_mask_dice(reference[0] / f"{Path(path).stem}_mask.png",
+                                           output / f"{Path(path).stem}_mask.png") for path in paths[measured]])
+                rate = gflop * windows / len(paths) / per_image
+                rows.append({"overlap": overlap, "precision": precision, "seconds_per_image": per_image,
+                             "speedup_vs_float32": reference[1] / per_image, "dice_vs_float32": float(dice),
+                             "windows_per_image": windows / len(paths), "gflop_per_window": gflop,
+                             "gflops": rate})
+                print(f"overlap {overlap:g} {precision:>8}: {per_image:.1f} s per image, "
+                      f"{reference[1] / per_image:.2f}x float32, mask Dice vs float32 {dice:.4f}, "
+                      f"{windows / len(paths):.0f} windows of {gflop:.1f} GFLOP -> {rate:.0f} GFLOP/s "
+                      f"({rate / rates['float32']:.0%} of the float32 matmul rate)")
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ CACHEABLE_CHOICES = ("tail", "decoder")
 ADAPTER_KEY = ".generators."  # in the parameter names of the SAM-Adapter prompt generators (adapter, full)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix multiplies run natively on ``device``: a GPU, or a CPU that oneDNN runs them on (AVX-512
+    or newer). Elsewhere torch emulates them: on a 2-core AVX2 CPU a LiteMedSAM window took 15-61 s under bfloat16
+    autocast (depending on the image) against 2.6 s in float32 (``docs/results/convergence_0.5pct.md`` section 12)."""
+    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def recipe_of_checkpoint(ckpt_path: str | os.PathLike | None, default: str = "tail") -> str:
     """The ``trainable`` to build for inference from ``ckpt_path``: ``adapter`` when it holds SAM-Adapter prompt
     generators (trained with ``adapter`` or ``full``), else ``default`` (``tail`` and ``decoder`` build the same
@@ -52,7 +59,8 @@ class AllInSamNet(nn.Module):
         freq_rate: share of the spectrum's area removed as low frequencies for the handcrafted feature.
         scale_factor: adapter width = encoder width // scale_factor.
         inference_precision: ``float32``, or ``bfloat16``: in eval mode the forward pass runs under bfloat16
-            autocast (about 2x faster on a CPU with AVX-512 BF16); logits come back as float32. Training is float32.
+            autocast (about 2x faster on a CPU with AVX-512 BF16; emulated and 6-23x slower on one without, which
+            the first call warns about, see ``native_bfloat16``); logits come back as float32. Training is float32.
         foreground_prior: None keeps the decoder's own logits (the paper). A share in (0, 1) adds a trainable
             per-class bias to the logits, set on the first training batch so that its mean logit is
             logit(``foreground_prior``): the pretrained decoder's prompt-free logits start near -20 (probability
@@ -71,6 +79,7 @@ class AllInSamNet(nn.Module):
         if inference_precision not in PRECISION_CHOICES:
             raise ValueError(f"inference_precision must be one of {PRECISION_CHOICES}, got {inference_precision!r}")
         self.inference_precision = inference_precision
+        self._precision_checked = False
         sam = _build_backbone(backbone, checkpoint, pretrained, image_size, checkpoint_sha256)
         tokens = sam.mask_decoder.num_mask_tokens
         if not 1 <= out_channels <= tokens:
@@ -149,6 +158,12 @@ class AllInSamNet(nn.Module):
         (the upscaled image embedding the mask tokens are read from; D = 32 for every SAM here), for MOCL."""
         if self.training or self.inference_precision == "float32":
             return self._forward(image, return_features)
+        if not self._precision_checked:
+            self._precision_checked = True
+            if not native_bfloat16(image.device):
+                logger.warning("inference_precision bfloat16 on a CPU without native bfloat16 (torch capability "
+                               f"{torch.backends.cpu.get_cpu_capability()}): emulated, 6-23x slower than float32 "
+                               "as measured; use --inference_precision float32")
         with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16):
             output = self._forward(image, return_features)
         return tuple(part.float() for part in output) if return_features else output.float()
