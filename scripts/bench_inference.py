@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "allinsam"
 import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
+from scripts.metrics import dice_iou  # noqa: E402  (the bundle's package)
+
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
     """GFLOP/s of a ``size`` x ``size`` ``torch.matmul`` in ``dtype`` on this machine: calls for at least a second
@@ -52,15 +54,14 @@ def window_gflop(network: torch.nn.Module) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _mask_dice(first: Path, second: Path) -> float:
-    a, b = np.asarray(Image.open(first)) > 0, np.asarray(Image.open(second)) > 0
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / float(total)
+def _read_mask(folder: Path, image_path: str) -> np.ndarray:
+    """The ``<name>_mask.png`` that inference.json wrote into ``folder`` for ``image_path``."""
+    return np.asarray(Image.open(folder / f"{Path(image_path).stem}_mask.png"))
 
 
 def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, precision: str,
-         sw_batch_size: int) -> tuple[list[float], int, float]:
-    """One inference workflow over ``paths``: (seconds per image, network calls, GFLOP per window)."""
+         sw_batch_size: int) -> tuple[list[float], int, torch.nn.Module]:
+    """One inference workflow over ``paths``: (seconds per image, windows predicted, the network it loaded)."""
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
@@ -70,7 +71,6 @@ def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, precisio
                               data=[{"image": path} for path in paths])
     workflow.initialize()
     network = workflow.parser.get_parsed_content("network")
-    gflop = window_gflop(network.eval())
     calls = []
     network.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     evaluator = workflow.parser.get_parsed_content("evaluator")
@@ -78,16 +78,13 @@ def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, precisio
     evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda _: stamps.append(time.perf_counter()))
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
     workflow.run()
-    return [end - start for start, end in zip(stamps[0::2], stamps[1::2])], sum(calls), gflop
+    return [end - start for start, end in zip(stamps[0::2], stamps[1::2])], sum(calls), network
 
 
-def _floats(values: str | float | tuple) -> list[float]:
+def _listed(values: str | float | tuple) -> list[str]:
+    """A comma-separated string (or fire's tuple or single number) -> its items as stripped strings."""
     items = str(values).split(",") if isinstance(values, (str, int, float)) else values
-    return [float(value) for value in items if str(value).strip()]
-
-
-def _names(values: str | tuple) -> list[str]:
-    return [value.strip() for value in (values.split(",") if isinstance(values, str) else values) if value.strip()]
+    return [str(value).strip() for value in items if str(value).strip()]
 
 
 def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
@@ -95,24 +92,25 @@ def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
     paths = sorted(path for pattern in images.split(",") for path in glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no image matches {images}")
-    precisions = _names(precisions)
+    precisions = _listed(precisions)
     if precisions[0] != "float32":
         precisions = ["float32"] + [name for name in precisions if name != "float32"]  # the reference comes first
     rates = {name: matmul_gflops(getattr(torch, name)) for name in ("float32", "bfloat16") if name in precisions}
     print("matmul 2048x2048: " + ", ".join(f"{name} {rate:.1f} GFLOP/s" for name, rate in rates.items())
           + f" (threads {torch.get_num_threads()})")
     measured = slice(1, None) if len(paths) > 1 else slice(None)
-    rows = []
+    rows, gflop = [], 0.0
     with tempfile.TemporaryDirectory() as root:
-        for overlap in _floats(overlaps):
+        for overlap in map(float, _listed(overlaps)):
             reference = None
             for precision in precisions:
                 output = Path(root) / f"{overlap:g}_{precision}"
-                seconds, windows, gflop = _run(ckpt_path, paths, str(output), overlap, precision, sw_batch_size)
+                seconds, windows, network = _run(ckpt_path, paths, str(output), overlap, precision, sw_batch_size)
+                gflop = gflop or window_gflop(network.eval())  # the same for every run: counted once, in float32
                 per_image = float(np.mean(seconds[measured]))
                 reference = reference or (output, per_image)
-                dice = np.mean([_mask_dice(reference[0] / f"{Path(path).stem}_mask.png",
-                                           output / f"{Path(path).stem}_mask.png") for path in paths[measured]])
+                dice = np.mean([dice_iou(_read_mask(reference[0], path), _read_mask(output, path))[0]
+                                for path in paths[measured]])
                 rate = gflop * windows / len(paths) / per_image
                 rows.append({"overlap": overlap, "precision": precision, "seconds_per_image": per_image,
                              "speedup_vs_float32": reference[1] / per_image, "dice_vs_float32": float(dice),
