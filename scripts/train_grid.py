@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "allinsam" / "configs"
 import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
-from scripts.metrics import METRIC_NAMES  # noqa: E402  (the bundle's package)
+from scripts.data import prepared_datalist  # noqa: E402  (the bundle's package)
+from scripts.metrics import METRIC_NAMES  # noqa: E402
 from scripts.training import last_checkpoint  # noqa: E402
 
 # options that change the network's parameters: evaluation must build the same network as training
@@ -171,8 +172,8 @@ def nnunet(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"),
             if (run_dir / "timing.csv").is_file():
                 print(f"{run_dir.name}: done already")
                 continue
-            dataset = {"dataset_dir": dataset_dir, "fraction": fraction, "labels": label,
-                       "work_dir": run_dir / "nnunet"}
+            dataset = {"datalist": prepared_datalist(dataset_dir, fraction, labels=label),
+                       "dataset_name": f"MoNuSeg_{fraction.replace('.', 'p')}_{label}", "work_dir": run_dir / "nnunet"}
             train = {**dataset, "seed": seed, "epochs": epochs, "iterations_per_epoch": iterations_per_epoch,
                      **overrides}
             seconds = _run_logged(_bundle_command([configs / "train.json", configs / "datasets" / "monuseg.json"],

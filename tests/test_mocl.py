@@ -147,16 +147,16 @@ def test_mocl_loss_refuses_unknown_variant_and_missing_features(small_batch):
 
 
 def test_lay_annotation_noise_rates_on_a_real_crop():
-    from simulate_lay_labels import lay_annotation, size_classes
+    from simulate_lay_labels import LayNoise, lay_annotation, size_classes
 
     instances = read_instance_map(SAMPLE_CROPS / "instances" / "TCGA-21-5784-01Z-00-DX1_y372_x372.png")
     count = len(np.unique(instances)) - 1
     classes = size_classes(instances, threshold=float(np.median(np.bincount(instances.ravel())[1:])))
     assert set(np.unique(classes[1:])) == {1, 2}
-    clean = lay_annotation(instances, classes, np.random.default_rng(0), 0, 0, 2, 0, 0)
+    clean = lay_annotation(instances, classes, np.random.default_rng(0), LayNoise(0, 0, 2, 0, 0))
     assert np.array_equal(clean[0] > 0, instances > 0) and np.array_equal(clean[1], classes[instances])
-    noisy, noisy_classes = lay_annotation(instances, classes, np.random.default_rng(0), 0.5, 0.5, 2, 0.5, 0.2)
-    again = lay_annotation(instances, classes, np.random.default_rng(0), 0.5, 0.5, 2, 0.5, 0.2)
+    noisy, noisy_classes = lay_annotation(instances, classes, np.random.default_rng(0), LayNoise(0.5, 0.5, 2, 0.5, 0.2))
+    again = lay_annotation(instances, classes, np.random.default_rng(0), LayNoise(0.5, 0.5, 2, 0.5, 0.2))
     assert np.array_equal(noisy, again[0]) and np.array_equal(noisy_classes, again[1])  # seeded
     kept = {int(i) for i in np.unique(instances[noisy > 0])} - {0}
     assert 0.25 * count < len(kept) < 0.75 * count  # about half missed
@@ -166,6 +166,8 @@ def test_lay_annotation_noise_rates_on_a_real_crop():
     flipped = [i for i in np.unique(noisy)[1:] if i not in false
                and np.bincount(classes[instances[noisy == i]]).argmax() != noisy_classes[noisy == i][0]]
     assert 0.2 * len(kept) < len(flipped) < 0.8 * len(kept)  # about half flipped
+    with pytest.raises(ValueError, match="flip_rate must be in"):
+        LayNoise(flip_rate=1.5)
 
 
 def test_split_classes_gives_one_map_per_class():

@@ -141,3 +141,22 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match=f"{not_tiff}: cannot read the IF image"):
         molecular_labels(str(image), str(not_tiff), str(instances), str(tmp_path / "out"), {"podocyte": 1},
                          {"podocyte": 1.0})
+
+
+def test_slide_geojson_and_review_overlay_draw_a_class_in_one_colour(tmp_path):
+    """One palette: the second class is the same RGB in QuPath (the slide GeoJSON) and in the lay review overlay."""
+    from scripts.annotation.marker_classes import overlay
+    from scripts.data import class_colour
+    from scripts.wsi import GeoJsonDetections
+
+    classes = ["podocyte", "mesangial"]
+    detections = GeoJsonDetections(tmp_path / "slide.geojson", classes)
+    detections.add([[4, 4], [11, 4], [11, 11], [4, 11], [4, 4]], class_index=1, instance_id=1)
+    detections.close()
+    feature = json.loads((tmp_path / "slide.geojson").read_text())["features"][0]
+    assert feature["properties"]["classification"] == {"name": "mesangial", "color": list(class_colour(1))}
+    instances = np.zeros((16, 16), np.uint16)
+    instances[4:12, 4:12] = 1
+    picture = overlay(np.zeros((16, 16, 3), np.uint8), instances, [{"id": 1, "class": "mesangial"}], classes, {}, {})
+    assert tuple(picture[4, 4]) == class_colour(1) != class_colour(0)
+    assert tuple(picture[8, 8]) == (0, 0, 0)  # outlined, not filled

@@ -166,3 +166,30 @@ def test_grid_trains_alone_then_evaluates_without_training_again(tmp_path, monke
     train_grid.run(labels="weak", seeds="0", runs_dir=str(tmp_path), budget_minutes=10)
     assert len(commands) == 2 and "training" not in commands[1]  # evaluated, not trained again
     assert (tmp_path / "0.5pct_weak_seed0/timing.csv").read_text() == "train_s,evaluate_s,steps\n42.0,3.0,7\n"
+
+
+def test_grid_gives_nnunet_the_datalist_file_the_allinsam_bundle_names(tmp_path, monkeypatch):
+    """The baseline reads the datalist by path (the naming rule lives in the allinsam bundle only): the grid passes
+    the weak 4 % file to training and prediction, and the dataset config resolves an explicit ``--datalist``."""
+    import train_grid
+    from monai.bundle import ConfigParser
+
+    commands = []
+
+    def fake_run(command: list[str], log: Path) -> float:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        commands.append(command)
+        return 1.0
+
+    monkeypatch.setattr(train_grid, "_run_logged", fake_run)
+    train_grid.nnunet(fraction="4pct", labels="weak", seeds="1", runs_dir=str(tmp_path), dataset_dir="prepared")
+    assert len(commands) == 2  # training, then prediction of the test split
+    for command in commands:
+        options = dict(zip(command, command[1:]))
+        assert options["--datalist"] == str(Path("prepared") / "datalist_4pct_seed0_weak.json")
+        assert options["--dataset_name"] == "MoNuSeg_4pct_weak" and "--fraction" not in options
+    parser = ConfigParser()
+    parser.read_config([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"])
+    assert parser.get_parsed_content("datalist") == str(Path("data/monuseg") / "datalist_0.5pct_seed0.json")
+    parser.update({"datalist": "elsewhere/datalist_all.json"})
+    assert parser.get_parsed_content("datalist") == "elsewhere/datalist_all.json"

@@ -8,9 +8,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ..data import instance_contours, staged, write_png_atomic
+from ..data import class_colour, instance_contours, staged, write_png_atomic
 
-CLASS_COLOURS = [(230, 25, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]  # class 1, 2, ...
 UNASSIGNED_COLOUR = (255, 225, 25)
 MARKER_COLOUR = (60, 220, 60)
 
@@ -56,7 +55,7 @@ def overlay(rgb: np.ndarray, instances: np.ndarray, rows: list[dict], classes: l
         positive = ndimage.label(marker >= thresholds[name])[0]
         for contour in instance_contours(positive).values():
             draw.line([tuple(point) for point in contour], fill=MARKER_COLOUR, width=1)
-    colour = {row["id"]: CLASS_COLOURS[classes.index(row["class"]) % 4] if row["class"] else UNASSIGNED_COLOUR
+    colour = {row["id"]: class_colour(classes.index(row["class"])) if row["class"] else UNASSIGNED_COLOUR
               for row in rows}
     for nucleus, contour in instance_contours(instances).items():
         draw.line([tuple(point) for point in contour], fill=colour[nucleus], width=1)

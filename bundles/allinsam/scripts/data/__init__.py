@@ -1,5 +1,5 @@
 from .annotation_xml import read_xml_polygons
-from .classes import SplitClassesd, prediction_writers
+from .classes import SplitClassesd, class_colour, prediction_writers
 from .datalist import check_entries, checked_datalist, checked_image_glob
 from .image_io import (
     read_instance_map,
@@ -23,6 +23,7 @@ __all__ = [
     "INSTANCE_METHODS",
     "RandHEDJitterd",
     "SplitClassesd",
+    "class_colour",
     "boxes_from_instances",
     "check_entries",
     "checked_datalist",

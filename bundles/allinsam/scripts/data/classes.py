@@ -5,6 +5,14 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+# RGB per class (class 1, 2, ...; repeats after four): slide GeoJSON and review overlays draw a class alike
+CLASS_COLOURS = ((230, 25, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """RGB of the class at 0-based ``index`` in a class list."""
+    return CLASS_COLOURS[index % len(CLASS_COLOURS)]
+
 
 class SplitClassesd(MapTransform):
     """``label`` (1, H, W) (binary mask or instance map) and ``class_key`` (1, H, W) class map 1..C ->

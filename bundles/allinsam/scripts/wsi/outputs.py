@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-# QuPath's default class colours come from the name; fixed ones keep the classes apart in a viewer
-CLASS_COLOURS = ((255, 0, 0), (0, 160, 255), (0, 200, 0), (255, 160, 0))
+from ..data import class_colour
 
 
 class GeoJsonDetections:
@@ -18,7 +17,7 @@ class GeoJsonDetections:
     ``detection``, its ``classification`` {name, color} and ``measurements`` {"instance_id": id in the TIFF}."""
 
     def __init__(self, path: str | os.PathLike, classes: list[str]):
-        self.classes = [{"name": name, "color": list(CLASS_COLOURS[index % len(CLASS_COLOURS)])}
+        self.classes = [{"name": name, "color": list(class_colour(index))}
                         for index, name in enumerate(classes)]
         self.handle = open(path, "w")  # noqa: SIM115 - closed by close(), after the tile loop
         self.handle.write('{"type": "FeatureCollection", "features": [')
