@@ -6,16 +6,22 @@
     # weak labels for a prepared datalist (P1's weak setting), optionally with careless boxes (P2's "random")
     python scripts/annotate.py weak_labels --datalist data/monuseg/datalist_0.5pct_seed0.json --jitter 3
 
+    # how the weak labels differ from the ground truth they replace (training and validation splits only)
+    python scripts/annotate.py score data/monuseg/datalist_0.5pct_seed0_weak.json \
+        data/monuseg/datalist_0.5pct_seed0.json --output docs/results/weak_labels_0.5pct
+
 Both run ``bundles/allinsam/configs/annotate.json`` through MONAI's ``ConfigWorkflow`` (workflows ``annotate`` and
 ``weak_labels``, which the bundle also runs by itself); segmenter options (``--threshold``, ``--zoom``, ``--flip``,
 ...) override ``segmenter#<option>`` there.
 """
 
+import csv
 import sys
 from glob import glob
 from pathlib import Path
 
 import fire
+import numpy as np
 from bundle_path import BUNDLE  # also puts the bundle's scripts package on sys.path, for annotate.json
 
 PROMPT_SUFFIXES = (".json", ".geojson", ".csv")
@@ -75,6 +81,53 @@ def weak_labels(datalist: str, splits: tuple[str, ...] = ("training", "validatio
     return weak_path
 
 
+def score(weak_datalist: str, truth_datalist: str, output: str | None = None,
+          splits: tuple[str, ...] = ("training", "validation")) -> list[dict]:
+    """Weak labels against the ground truth they replace, per image of ``splits``: pixel Dice, recall, precision,
+    area ratio (weak / truth pixels) and AJI of the instance maps. Prints the means per split; ``output``: also
+    ``<output>.csv`` (per image) and ``<output>.md`` (means)."""
+    from monai.data import load_decathlon_datalist
+
+    from scripts.data import read_instance_map
+    from scripts.metrics.segmentation import aggregated_jaccard_index, dice_iou, recall_precision
+
+    rows = []
+    for split in splits:
+        weak = load_decathlon_datalist(weak_datalist, data_list_key=split)
+        truth = {Path(entry["image"]).name: entry
+                 for entry in load_decathlon_datalist(truth_datalist, data_list_key=split)}
+        for entry in weak:
+            name = Path(entry["image"]).name
+            if name not in truth:
+                raise ValueError(f"{truth_datalist}: no {split} entry for {name} of {weak_datalist}")
+            weak_instances = read_instance_map(entry["instances"])
+            true_instances = read_instance_map(truth[name]["instances"])
+            recall, precision = recall_precision(weak_instances, true_instances)
+            rows.append({"split": split, "image": Path(name).stem, "dice": dice_iou(weak_instances, true_instances)[0],
+                         "recall": recall, "precision": precision,
+                         "area_ratio": np.count_nonzero(weak_instances) / max(np.count_nonzero(true_instances), 1),
+                         "aji": aggregated_jaccard_index(weak_instances, true_instances),
+                         "weak_nuclei": len(np.unique(weak_instances)) - 1,
+                         "true_nuclei": len(np.unique(true_instances)) - 1})
+    columns = ("dice", "recall", "precision", "area_ratio", "aji")
+    lines = [f"Weak labels ({weak_datalist}) against the ground truth ({truth_datalist}), mean over images", "",
+             "| split | images | " + " | ".join(columns) + " | weak / true nuclei |",
+             "|---|---|" + "---|" * (len(columns) + 1)]
+    for split in splits:
+        chosen = [row for row in rows if row["split"] == split]
+        means = " | ".join(f"{np.mean([row[c] for row in chosen]):.3f}" for c in columns)
+        counts = f"{sum(r['weak_nuclei'] for r in chosen)} / {sum(r['true_nuclei'] for r in chosen)}"
+        lines.append(f"| {split} | {len(chosen)} | {means} | {counts} |")
+    print("\n".join(lines))
+    if output:
+        with open(f"{output}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+        Path(f"{output}.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def user_error(error: BaseException) -> BaseException | None:
     """The bad-input error (FileNotFoundError / ValueError) behind ``error``: MONAI wraps an error raised inside a
     config expression in a RuntimeError."""
@@ -85,7 +138,7 @@ def user_error(error: BaseException) -> BaseException | None:
 
 if __name__ == "__main__":
     try:
-        fire.Fire({"images": images, "weak_labels": weak_labels}, serialize=lambda result: None)
+        fire.Fire({"images": images, "weak_labels": weak_labels, "score": score}, serialize=lambda result: None)
     except Exception as error:
         if user_error(error) is None:
             raise

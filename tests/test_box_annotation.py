@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,17 @@ def test_weak_labels_replace_training_labels_and_keep_the_test_truth(tmp_path, s
         assert np.array_equal(ids, np.arange(1, len(ids) + 1))
         # 3 px jitter costs about 0.035 Dice on training images (docs/results)
         assert dice_iou(pseudo, read_instance_map(SAMPLE_CROPS / original["instances"]))[0] > DICE_FLOOR - 0.05
+
+    from annotate import score
+
+    rows = score(weak_path, str(tmp_path / "crops" / "datalist.json"), output=str(tmp_path / "weak"),
+                 splits=("training",))
+    assert [row["image"] for row in rows] == [Path(entry["image"]).stem for entry in sample_datalist["training"]]
+    for row in rows:
+        assert row["dice"] > DICE_FLOOR - 0.05 and 0.8 < row["area_ratio"] < 1.3 and row["true_nuclei"] > 10
+        assert row["dice"] == pytest.approx(2 * row["recall"] * row["precision"] / (row["recall"] + row["precision"]))
+    assert "| training | 2 |" in (tmp_path / "weak.md").read_text()
+    assert len((tmp_path / "weak.csv").read_text().splitlines()) == 3
 
 
 @pytest.mark.slow
