@@ -88,8 +88,8 @@ def score(weak_datalist: str, truth_datalist: str, output: str | None = None,
     ``<output>.csv`` (per image) and ``<output>.md`` (means)."""
     from monai.data import load_decathlon_datalist
 
-    from scripts.data import read_instance_map
-    from scripts.metrics.segmentation import aggregated_jaccard_index, dice_iou, recall_precision
+    from scripts.data import read_instance_map, staged
+    from scripts.metrics.segmentation import aggregated_jaccard_index, recall_precision
 
     rows = []
     for split in splits:
@@ -103,8 +103,9 @@ def score(weak_datalist: str, truth_datalist: str, output: str | None = None,
             weak_instances = read_instance_map(entry["instances"])
             true_instances = read_instance_map(truth[name]["instances"])
             recall, precision = recall_precision(weak_instances, true_instances)
-            rows.append({"split": split, "image": Path(name).stem, "dice": dice_iou(weak_instances, true_instances)[0],
-                         "recall": recall, "precision": precision,
+            dice = 2 * recall * precision / (recall + precision) if recall + precision else 0.0
+            rows.append({"split": split, "image": Path(name).stem, "dice": dice, "recall": recall,
+                         "precision": precision,
                          "area_ratio": np.count_nonzero(weak_instances) / max(np.count_nonzero(true_instances), 1),
                          "aji": aggregated_jaccard_index(weak_instances, true_instances),
                          "weak_nuclei": len(np.unique(weak_instances)) - 1,
@@ -120,11 +121,12 @@ def score(weak_datalist: str, truth_datalist: str, output: str | None = None,
         lines.append(f"| {split} | {len(chosen)} | {means} | {counts} |")
     print("\n".join(lines))
     if output:
-        with open(f"{output}.csv", "w", newline="") as handle:
+        with staged(f"{output}.csv") as table, open(table, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-        Path(f"{output}.md").write_text("\n".join(lines) + "\n")
+        with staged(f"{output}.md") as summary:
+            summary.write_text("\n".join(lines) + "\n")
     return rows
 
 
