@@ -60,7 +60,7 @@ def bundle_workflow(files, workflow_type: str | None = None, **overrides) -> Con
 
 
 # what ``trained_allinsam`` trains with and a run resuming its checkpoint must repeat (the optimizer state's groups)
-TRAINED_ALLINSAM_OPTIONS = {"views": 2, "foreground_prior": None}
+TRAINED_ALLINSAM_OPTIONS = {"views": 2, "batch_size": 4, "foreground_prior": None}
 
 
 @pytest.fixture(scope="session")

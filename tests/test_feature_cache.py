@@ -24,7 +24,7 @@ from scripts.training import (
 )
 
 TRAIN = CONFIGS / "train.json"
-FLOOR_AFTER_48_STEPS = 0.45  # measured 0.571 (2 CPU cores, seed 0); the quickstart's best model.pt: 0.587
+FLOOR_AFTER_24_STEPS = 0.45  # measured 0.681 (seed 0) and 0.730 (seed 1), 2 CPU cores
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +204,10 @@ def _test_crop_dice(network: AllInSamNet, sample_datalist: dict) -> float:
 
 @pytest.mark.slow
 def test_a_short_cached_run_learns_the_sample_crops(tmp_path, sample_datalist):
-    """The quickstart's recipe with a step count instead of a budget: 32 views of the 2 training crops, 6 epochs of
-    8 steps. It segments the 2 test crops far better than the pretrained network before training and a random-weight
-    one (measured: 0.000 and 0.363 before, FLOOR_AFTER_48_STEPS's comment after)."""
+    """The quickstart's recipe with a step count instead of a budget: 8 views of the 2 training crops, 6 epochs of
+    4 steps of batch 2. It segments the 2 test crops far better than the pretrained network before training and a
+    random-weight one (measured: 0.000 and 0.363 before, FLOOR_AFTER_24_STEPS's comment after). Half the steps end
+    near the top of the 20-step warm-up and still predict all background (12 steps: 0.000)."""
     workflow = bundle_workflow([TRAIN], "train", epochs=6, val_interval=6, ckpt_dir=str(tmp_path / "models"),
                                output_dir=str(tmp_path / "runs"))
     network = workflow.parser.get_parsed_content("network")
@@ -214,11 +215,11 @@ def test_a_short_cached_run_learns_the_sample_crops(tmp_path, sample_datalist):
     before = _test_crop_dice(network.eval(), sample_datalist)
     random_weights = _test_crop_dice(AllInSamNet(pretrained=False, trainable="tail").eval(), sample_datalist)
     workflow.run()
-    assert workflow.parser.get_parsed_content("train#trainer").state.iteration == 48
+    assert workflow.parser.get_parsed_content("train#trainer").state.iteration == 24
     after = _test_crop_dice(network.eval(), sample_datalist)
     print(f"test-crop Dice: random weights {random_weights:.3f}, pretrained before training {before:.3f}, "
-          f"after 48 cached steps {after:.3f}")
-    assert after > FLOOR_AFTER_48_STEPS and after > before + 0.3 and after > random_weights + 0.08
+          f"after 24 cached steps {after:.3f}")
+    assert after > FLOOR_AFTER_24_STEPS and after > before + 0.3 and after > random_weights + 0.08
 
 
 @pytest.mark.parametrize("trainable", ["tail", "adapter"])

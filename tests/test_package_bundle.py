@@ -181,8 +181,10 @@ def test_weights_that_are_not_this_network_are_refused(tmp_path, trained_allinsa
         else:
             torch.save(content, weights)
         with pytest.raises(PackagingError, match=reason) as refused:
-            package(str(bundle), output_dir=str(tmp_path / "dist"))
+            check_weights(bundle)  # what package() runs on the weights (each check is a fresh interpreter)
         assert str(weights) in str(refused.value), name
+    with pytest.raises(PackagingError, match="another backbone or network"):
+        package(str(bundle), output_dir=str(tmp_path / "dist"))
     assert not marker.exists() and not (tmp_path / "dist").exists()
 
     # weights of the paper's adapter recipe are this bundle's network: inference.json builds it from the checkpoint
