@@ -6,8 +6,14 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
-from monai.bundle import ConfigWorkflow
+# under pytest-xdist (pytest.ini) the workers share the cores: torch threads per worker (and its subprocesses) =
+# cores / workers, set before torch is imported
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import pytest  # noqa: E402
+from monai.bundle import ConfigWorkflow  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "allinsam"
