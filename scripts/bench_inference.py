@@ -1,15 +1,16 @@
 """Whole-image inference time of the bundle's ``inference.json`` (sliding window, gaussian blending) per image, for
-each numerics option and sliding-window overlap, against float32 and against this CPU's matrix-multiply rate.
+each runtime, numerics option and sliding-window overlap, against float32 eager torch and against this CPU's
+matrix-multiply rate.
 
     python scripts/bench_inference.py --ckpt_path runs/grid_0.5pct/0.5pct_complete_seed0/models/model.pt \
         --images "data/monuseg/cases/images/TCGA-2Z*.png,data/monuseg/cases/images/TCGA-44*.png" \
-        --overlaps 0,0.25 --precisions float32,bfloat16
+        --overlaps 0,0.25 --settings torch/float32,onnxruntime/float32,torch/bfloat16
 
-Prints, per (overlap, precision): seconds per image (reading, inference, post-processing and writing the PNGs
-included; the first image is a warm-up when more than one is given), the speed-up over float32 at the same overlap,
-the Dice of its masks against float32's on the same images, and the network's GFLOP/s (its counted floating-point
-operations per window x windows / seconds) beside the 2048x2048 ``torch.matmul`` rate measured in the same run. Run it
-alone on the machine.
+Prints, per (overlap, runtime/precision): seconds per image (reading, inference, post-processing and writing the PNGs
+included; the first image is a warm-up when more than one is given, and takes ONNX Runtime's export), the speed-up
+over torch/float32 at the same overlap, the Dice of its masks against torch/float32's on the same images, and the
+network's GFLOP/s (its counted floating-point operations per window x windows / seconds) beside the 2048x2048
+``torch.matmul`` rate measured in the same run. Run it alone on the machine.
 """
 
 import tempfile
@@ -59,7 +60,7 @@ def _read_mask(folder: Path, image_path: str) -> np.ndarray:
     return np.asarray(Image.open(folder / f"{Path(image_path).stem}_mask.png"))
 
 
-def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, precision: str,
+def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, runtime: str, precision: str,
          sw_batch_size: int) -> tuple[list[float], int, torch.nn.Module]:
     """One inference workflow over ``paths``: (seconds per image, windows predicted, the network it loaded)."""
     from ignite.engine import Events
@@ -67,12 +68,13 @@ def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, precisio
 
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer",
                               ckpt_path=ckpt_path, output_dir=output, sw_overlap=overlap,
-                              inference_precision=precision, sw_batch_size=sw_batch_size, input_glob=None,
+                              inference_precision=precision, inference_runtime=runtime,
+                              sw_batch_size=sw_batch_size, input_glob=None,
                               data=[{"image": path} for path in paths])
     workflow.initialize()
     network = workflow.parser.get_parsed_content("network")
     calls = []
-    network.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    network.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))  # either runtime
     evaluator = workflow.parser.get_parsed_content("evaluator")
     stamps = []
     evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda _: stamps.append(time.perf_counter()))
@@ -87,14 +89,21 @@ def _listed(values: str | float | tuple) -> list[str]:
     return [str(value).strip() for value in items if str(value).strip()]
 
 
+REFERENCE = "torch/float32"
+
+
 def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
-         precisions: str | tuple = ("float32", "bfloat16"), sw_batch_size: int = 1) -> list[dict]:
+         settings: str | tuple = (REFERENCE, "onnxruntime/float32"), sw_batch_size: int = 1) -> list[dict]:
+    """``settings``: ``runtime/precision`` pairs of inference.json's ``inference_runtime`` and
+    ``inference_precision``; ``torch/float32`` is the reference and always runs first."""
     paths = sorted(path for pattern in images.split(",") for path in glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no image matches {images}")
-    precisions = _listed(precisions)
-    if precisions[0] != "float32":
-        precisions = ["float32"] + [name for name in precisions if name != "float32"]  # the reference comes first
+    settings = [REFERENCE] + [name for name in _listed(settings) if name != REFERENCE]
+    for setting in settings:
+        if setting.count("/") != 1:
+            raise ValueError(f"a setting is runtime/precision (e.g. onnxruntime/float32), got {setting!r}")
+    precisions = {setting.split("/")[1] for setting in settings}
     rates = {name: matmul_gflops(getattr(torch, name)) for name in ("float32", "bfloat16") if name in precisions}
     print("matmul 2048x2048: " + ", ".join(f"{name} {rate:.1f} GFLOP/s" for name, rate in rates.items())
           + f" (threads {torch.get_num_threads()})")
@@ -103,21 +112,24 @@ def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
     with tempfile.TemporaryDirectory() as root:
         for overlap in map(float, _listed(overlaps)):
             reference = None
-            for precision in precisions:
-                output = Path(root) / f"{overlap:g}_{precision}"
-                seconds, windows, network = _run(ckpt_path, paths, str(output), overlap, precision, sw_batch_size)
+            for setting in settings:
+                runtime, precision = setting.split("/")
+                output = Path(root) / f"{overlap:g}_{runtime}_{precision}"
+                seconds, windows, network = _run(ckpt_path, paths, str(output), overlap, runtime, precision,
+                                                 sw_batch_size)
                 gflop = gflop or window_gflop(network.eval())  # the same for every run: counted once, in float32
                 per_image = float(np.mean(seconds[measured]))
                 reference = reference or (output, per_image)
                 dice = np.mean([dice_iou(_read_mask(reference[0], path), _read_mask(output, path))[0]
                                 for path in paths[measured]])
                 rate = gflop * windows / len(paths) / per_image
-                rows.append({"overlap": overlap, "precision": precision, "seconds_per_image": per_image,
-                             "speedup_vs_float32": reference[1] / per_image, "dice_vs_float32": float(dice),
+                rows.append({"overlap": overlap, "runtime": runtime, "precision": precision,
+                             "seconds_per_image": per_image, "speedup_vs_torch_float32": reference[1] / per_image,
+                             "dice_vs_torch_float32": float(dice),
                              "windows_per_image": windows / len(paths), "gflop_per_window": gflop,
                              "gflops": rate})
-                print(f"overlap {overlap:g} {precision:>8}: {per_image:.1f} s per image, "
-                      f"{reference[1] / per_image:.2f}x float32, mask Dice vs float32 {dice:.4f}, "
+                print(f"overlap {overlap:g} {setting:>19}: {per_image:.1f} s per image, "
+                      f"{reference[1] / per_image:.2f}x {REFERENCE}, mask Dice vs {REFERENCE} {dice:.5f}, "
                       f"{windows / len(paths):.0f} windows of {gflop:.1f} GFLOP -> {rate:.0f} GFLOP/s "
                       f"({rate / rates['float32']:.0%} of the float32 matmul rate)")
     return rows

@@ -20,7 +20,7 @@ from monai.data.utils import dense_patch_slices
 from tqdm import tqdm
 
 from ..data import check_entries, write_json_atomic, write_png_atomic
-from ..networks import SamBackbone
+from ..networks import RUNTIME_CHOICES, OnnxRuntimeForward, SamBackbone
 from .prompts import read_prompts
 
 logger = logging.getLogger(__name__)
@@ -94,14 +94,21 @@ class BoxPromptedSegmenter:
         point_box: side in pixels of the square around a point prompt that its mask is cut to; a backbone trained
             with boxes only gets that square as its prompt instead of the point.
         device: where the network runs.
+        encoder_runtime: ``torch``, or ``onnxruntime``: on the CPU the image encoder runs through ONNX Runtime
+            (exported once here; the prompt encoder and decoder stay on torch). Elsewhere torch.
     """
 
     def __init__(self, sam: SamBackbone, zoom: float = 0.75, stride: int | None = None,
                  decoder_context: float | None = 32, threshold: float = -3.0, clip_margin: float | None = 0,
                  multimask: bool = False, refine: bool = False, flip: bool = False, point_box: float = 32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", encoder_runtime: str = "torch"):
+        if encoder_runtime not in RUNTIME_CHOICES:
+            raise ValueError(f"encoder_runtime must be one of {RUNTIME_CHOICES}, got {encoder_runtime!r}")
         self.sam = sam.to(device).eval()
         self.device = torch.device(device)
+        self.encoder = (OnnxRuntimeForward(lambda image: sam.image_encoder(sam.preprocess(image)), sam, sam.image_size)
+                        if encoder_runtime == "onnxruntime" and self.device.type == "cpu"
+                        else lambda image: sam.image_encoder(sam.preprocess(image)))
         self.window = round(sam.image_size / zoom)
         self.stride = stride or round(0.75 * self.window)
         self.scale = sam.image_size / self.window  # encoder pixels per image pixel
@@ -120,7 +127,7 @@ class BoxPromptedSegmenter:
         if self.window != self.sam.image_size:
             image = F.interpolate(image, size=(self.sam.image_size,) * 2, mode="bilinear", antialias=True)
         images = torch.cat([image, image.flip(-1)]) if self.flip else image
-        embeddings = self.sam.image_encoder(self.sam.preprocess(images))
+        embeddings = self.encoder(images)
         return list(embeddings.split(1))
 
     # --- decoder ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from .allinsam_net import AllInSamNet, FeatureHead, recipe_of_checkpoint
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
+from .onnx_runtime import RUNTIME_CHOICES, OnnxRuntimeForward
 from .sam_adapter import (
     AdaptedTinyViTEncoder,
     AdaptedViTEncoder,
@@ -22,10 +23,12 @@ __all__ = [
     "read_network_weights",
     "recipe_of_checkpoint",
     "LITEMEDSAM_SHA256",
+    "RUNTIME_CHOICES",
     "AdaptedTinyViTEncoder",
     "AdaptedViTEncoder",
     "AllInSamNet",
     "FeatureHead",
+    "OnnxRuntimeForward",
     "PromptGenerator",
     "SamBackbone",
     "adapt_encoder",

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
+from .onnx_runtime import RUNTIME_CHOICES, OnnxRuntimeForward
 from .sam_adapter import adapt_encoder
 from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam, read_network_weights
 
@@ -61,6 +62,10 @@ class AllInSamNet(nn.Module):
         inference_precision: ``float32``, or ``bfloat16``: in eval mode the forward pass runs under bfloat16
             autocast (about 2x faster on a CPU with AVX-512 BF16; emulated and 6-23x slower on one without, which
             the first call warns about, see ``native_bfloat16``); logits come back as float32. Training is float32.
+        inference_runtime: ``torch``, or ``onnxruntime``: in eval mode, forward passes on CPU tensors run through
+            ONNX Runtime (``OnnxRuntimeForward``, exported from the current weights at the first such call and again
+            whenever a weight has changed since, by loading or training; float32 only). The adapter recipes (FFT) and
+            any export that fails warn once and stay on torch. Features for MOCL always come from torch.
         foreground_prior: None keeps the decoder's own logits (the paper). A share in (0, 1) adds a trainable
             per-class bias to the logits, set on the first training batch so that its mean logit is
             logit(``foreground_prior``): the pretrained decoder's prompt-free logits start near -20 (probability
@@ -70,7 +75,8 @@ class AllInSamNet(nn.Module):
     def __init__(self, backbone: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
                  pretrained: bool = True, image_size: int = 1024, trainable: str = "adapter", out_channels: int = 1,
                  freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None,
-                 inference_precision: str = "float32", tail_stages: int = 1, foreground_prior: float | None = None):
+                 inference_precision: str = "float32", tail_stages: int = 1, foreground_prior: float | None = None,
+                 inference_runtime: str = "torch"):
         super().__init__()
         if foreground_prior is not None and not 0.0 < foreground_prior < 1.0:
             raise ValueError(f"foreground_prior must be None or in (0, 1), got {foreground_prior}")
@@ -78,6 +84,15 @@ class AllInSamNet(nn.Module):
             raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {trainable!r}")
         if inference_precision not in PRECISION_CHOICES:
             raise ValueError(f"inference_precision must be one of {PRECISION_CHOICES}, got {inference_precision!r}")
+        if inference_runtime not in RUNTIME_CHOICES:
+            raise ValueError(f"inference_runtime must be one of {RUNTIME_CHOICES}, got {inference_runtime!r}")
+        if inference_runtime == "onnxruntime" and inference_precision != "float32":
+            raise ValueError(f"inference_runtime onnxruntime runs float32: it cannot run inference_precision "
+                             f"{inference_precision!r} (use --inference_runtime torch for that)")
+        self.inference_runtime = inference_runtime
+        self._onnx_forward: OnnxRuntimeForward | None = None
+        self._onnx_weights: tuple = ()  # weights_version() of the exported weights
+        self._onnx_failed = False
         self.inference_precision = inference_precision
         self._precision_checked = False
         sam = _build_backbone(backbone, checkpoint, pretrained, image_size, checkpoint_sha256)
@@ -156,7 +171,14 @@ class AllInSamNet(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, C, S, S); with ``return_features`` also the decoder's per-pixel embedding E (B, D, S, S)
         (the upscaled image embedding the mask tokens are read from; D = 32 for every SAM here), for MOCL."""
-        if self.training or self.inference_precision == "float32":
+        if self.training:
+            return self._forward(image, return_features)
+        if self.inference_runtime == "onnxruntime" and not return_features and image.device.type == "cpu":
+            runtime = self._onnx_runtime()
+            if runtime is not None:
+                self._check_image(image)
+                return runtime(image)
+        if self.inference_precision == "float32":
             return self._forward(image, return_features)
         if not self._precision_checked:
             self._precision_checked = True
@@ -167,6 +189,32 @@ class AllInSamNet(nn.Module):
         with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16):
             output = self._forward(image, return_features)
         return tuple(part.float() for part in output) if return_features else output.float()
+
+    def weights_version(self) -> tuple:
+        """Identity and in-place version counter of every tensor of the state dict: changes whenever a weight is
+        loaded, replaced or stepped by an optimizer (not when eval() rebuilds TinyViT's derived attention biases)."""
+        return tuple((id(tensor), tensor._version) for tensor in self.state_dict(keep_vars=True).values())
+
+    def _onnx_runtime(self) -> OnnxRuntimeForward | None:
+        """The ONNX Runtime session of the current weights, exported on first use and again after any weight changed;
+        None (warned once) where the export fails."""
+        if self._onnx_forward is not None and self._onnx_weights != self.weights_version():
+            self._onnx_forward = None
+        if self._onnx_forward is None and not self._onnx_failed and self.trainable in ("adapter", "full"):
+            self._onnx_failed = True
+            logger.warning("inference_runtime onnxruntime: the SAM-Adapter's FFT feature has no ONNX operator, so "
+                           f"AllInSamNet(trainable={self.trainable}) infers on torch")
+        if self._onnx_forward is None and not self._onnx_failed:
+            try:
+                self._onnx_forward = OnnxRuntimeForward(lambda image: self._forward(image, False), self,
+                                                        self.image_size)
+                self._onnx_weights = self.weights_version()
+            except Exception as error:  # any exporter or runtime failure: torch still runs the network
+                self._onnx_failed = True
+                logger.warning(f"inference_runtime onnxruntime: the export of AllInSamNet({self.backbone}, "
+                               f"trainable={self.trainable}) failed, so inference runs on torch "
+                               f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+        return self._onnx_forward
 
     def _forward(self, image: torch.Tensor, return_features: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.cacheable:

@@ -1,0 +1,121 @@
+"""The ONNX Runtime path (inference.json's and annotate.json's default on the CPU): the same logits and masks as eager
+torch on real crops with real LiteMedSAM weights, exported again when the weights change, torch where it cannot
+export; the box annotator's encoder likewise."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import CONFIGS, SAMPLE_CROPS, bundle_workflow
+from PIL import Image
+
+from scripts.annotation import BoxPromptedSegmenter, read_prompts
+from scripts.data import read_instance_map, read_rgb_image
+from scripts.metrics import dice_iou
+from scripts.networks import AllInSamNet, fuse_conv_bn_for_inference, load_litemedsam, read_network_weights
+
+# measured on the trained test model and on MoNuSeg test windows: max |logit difference| 3-4e-5
+LOGIT_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def crops(sample_datalist) -> torch.Tensor:
+    """The two real training crops as a (2, 3, 256, 256) batch in [0, 1]."""
+    images = [read_rgb_image(SAMPLE_CROPS / entry["image"]) for entry in sample_datalist["training"]]
+    return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def _logits(network: AllInSamNet, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return network.eval()(images)
+
+
+def test_onnxruntime_gives_torchs_logits_and_follows_new_weights(trained_allinsam, crops):
+    trained = read_network_weights(trained_allinsam[1] / "model.pt")
+    pretrained = AllInSamNet(trainable="tail").state_dict()  # the decoder's own prompt-free start: logits near -20
+    reference = AllInSamNet(trainable="tail")
+    network = AllInSamNet(trainable="tail", inference_runtime="onnxruntime")
+    for weights in (trained, pretrained):
+        reference.load_state_dict(weights)
+        network.load_state_dict(weights)
+        expected, logits = _logits(reference, crops), _logits(network, crops)
+        assert network._onnx_forward is not None  # it ran ONNX Runtime, exported from these weights
+        assert logits.shape == expected.shape == (2, 1, 256, 256) and logits.dtype == torch.float32
+        assert (logits - expected).abs().max() < LOGIT_TOLERANCE
+        decided = (expected.abs() > LOGIT_TOLERANCE)  # pixels the tolerance cannot move across 0
+        assert torch.equal((logits > 0)[decided], (expected > 0)[decided])
+    assert (expected > 0).float().mean() < 0.01  # the second pass used the new weights: the pretrained start
+    session = network._onnx_forward
+    assert torch.equal(_logits(network, crops), logits) and network._onnx_forward is session  # weights unchanged
+    with torch.no_grad():
+        network.logit_bias.add_(5.0)  # an in-place change, as an optimizer step makes
+    assert (_logits(network, crops) - (logits + 5.0)).abs().max() < LOGIT_TOLERANCE
+    assert network._onnx_forward is not session
+    with torch.no_grad():
+        reference.logit_bias.add_(5.0)
+        assert torch.equal(network.train()(crops), reference.train()(crops))  # training always runs torch
+
+
+def test_a_vit_exports_and_the_adapter_recipe_warns_once_and_stays_on_torch(caplog):
+    """A SAM ViT (random weights, 64 px) runs through ONNX Runtime too; the SAM-Adapter's FFT has no ONNX operator,
+    so that recipe infers on torch, with one warning."""
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 64, 64)
+    vit = AllInSamNet("vit_b", pretrained=False, image_size=64, trainable="decoder", inference_runtime="onnxruntime")
+    reference = AllInSamNet("vit_b", pretrained=False, image_size=64, trainable="decoder")
+    reference.load_state_dict(vit.state_dict())
+    assert (_logits(vit, image) - _logits(reference, image)).abs().max() < LOGIT_TOLERANCE
+    assert vit._onnx_forward is not None
+    adapter = AllInSamNet("vit_b", pretrained=False, image_size=64, trainable="adapter",
+                          inference_runtime="onnxruntime")
+    with caplog.at_level("WARNING"):
+        first, second = _logits(adapter, image), _logits(adapter, image)
+    assert torch.equal(first, second) and adapter._onnx_forward is None
+    warnings = [record.getMessage() for record in caplog.records if "inference_runtime" in record.getMessage()]
+    assert len(warnings) == 1 and "FFT" in warnings[0] and "torch" in warnings[0]
+
+
+def test_box_annotation_with_the_encoder_on_onnxruntime_gives_torchs_instances(sample_datalist):
+    """annotate.json's segmenter (fused LiteMedSAM, default options) on a real test crop with its true boxes."""
+    entry = sample_datalist["test"][0]
+    image = read_rgb_image(SAMPLE_CROPS / entry["image"])
+    boxes = read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
+    sam = fuse_conv_bn_for_inference(load_litemedsam())
+    eager, _ = BoxPromptedSegmenter(sam)(image, boxes)
+    fast, report = BoxPromptedSegmenter(sam, encoder_runtime="onnxruntime")(image, boxes)
+    assert report["prompts_used"] == len(boxes)
+    assert (fast == eager).mean() > 0.999  # the same ids on (nearly) every pixel: logits within 4e-5 of torch's
+    truth = read_instance_map(SAMPLE_CROPS / entry["instances"])
+    assert abs(dice_iou(fast, truth)[0] - dice_iou(eager, truth)[0]) < 0.001
+    with pytest.raises(ValueError, match="encoder_runtime must be one of"):
+        BoxPromptedSegmenter(sam, encoder_runtime="int8")
+
+
+def test_bad_runtime_options_are_refused():
+    with pytest.raises(ValueError, match="inference_runtime must be one of"):
+        AllInSamNet("vit_b", pretrained=False, image_size=64, inference_runtime="openvino")
+    with pytest.raises(ValueError, match="runs float32.*--inference_runtime torch"):
+        AllInSamNet("vit_b", pretrained=False, image_size=64, inference_runtime="onnxruntime",
+                    inference_precision="bfloat16")
+
+
+@pytest.mark.slow
+def test_inference_json_runs_onnxruntime_by_default_with_torchs_outputs(trained_allinsam, tmp_path):
+    crop = SAMPLE_CROPS / "images" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300.png"
+    checkpoint = str(trained_allinsam[1] / "model.pt")
+    outputs = {}
+    for runtime in ("onnxruntime", "torch"):
+        overrides = {} if runtime == "onnxruntime" else {"inference_runtime": runtime}  # the default first
+        workflow = bundle_workflow([CONFIGS / "inference.json"], "infer", ckpt_path=checkpoint,
+                                   output_dir=str(tmp_path / runtime), input_glob=str(crop), **overrides)
+        network = workflow.parser.get_parsed_content("network")
+        assert network.inference_runtime == runtime
+        workflow.run()
+        assert (network._onnx_forward is not None) == (runtime == "onnxruntime")
+        outputs[runtime] = {kind: np.asarray(Image.open(tmp_path / runtime / f"{crop.stem}_{kind}.png"), dtype=int)
+                            for kind in ("prob", "mask")}
+    fast, eager = outputs["onnxruntime"], outputs["torch"]
+    assert np.abs(fast["prob"] - eager["prob"]).max() <= 1  # one grey level of the written probability map
+    assert (fast["mask"] == eager["mask"]).mean() > 0.9999
+    bfloat16 = bundle_workflow([CONFIGS / "inference.json"], "infer", ckpt_path=checkpoint,
+                               output_dir=str(tmp_path / "bf16"), input_glob=str(crop), inference_precision="bfloat16")
+    assert bfloat16.parser.get_parsed_content("network").inference_runtime == "torch"  # autocast runs on torch
