@@ -47,6 +47,18 @@ def sample_datalist() -> dict:
     return json.loads((SAMPLE_CROPS / "datalist.json").read_text())
 
 
+@pytest.fixture(scope="session")
+def crops(sample_datalist):
+    """The two real training crops as a (2, 3, 256, 256) float batch in [0, 1]."""
+    import numpy as np
+    import torch
+
+    from scripts.data import read_rgb_image
+
+    images = [read_rgb_image(SAMPLE_CROPS / entry["image"]) for entry in sample_datalist["training"]]
+    return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
 def copy_bundle(destination: Path, weights: Path | None = None) -> Path:
     """A copy of the allinsam bundle at ``destination / "allinsam"`` without run outputs or checkpoints; with
     ``weights`` copied in as ``models/model.pt``."""

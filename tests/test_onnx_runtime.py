@@ -17,13 +17,6 @@ from scripts.networks import AllInSamNet, fuse_conv_bn_for_inference, load_litem
 LOGIT_TOLERANCE = 1e-3
 
 
-@pytest.fixture(scope="module")
-def crops(sample_datalist) -> torch.Tensor:
-    """The two real training crops as a (2, 3, 256, 256) batch in [0, 1]."""
-    images = [read_rgb_image(SAMPLE_CROPS / entry["image"]) for entry in sample_datalist["training"]]
-    return torch.as_tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255
-
-
 def _logits(network: AllInSamNet, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return network.eval()(images)

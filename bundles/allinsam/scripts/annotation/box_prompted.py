@@ -106,9 +106,11 @@ class BoxPromptedSegmenter:
             raise ValueError(f"encoder_runtime must be one of {RUNTIME_CHOICES}, got {encoder_runtime!r}")
         self.sam = sam.to(device).eval()
         self.device = torch.device(device)
-        self.encoder = (OnnxRuntimeForward(lambda image: sam.image_encoder(sam.preprocess(image)), sam, sam.image_size)
-                        if encoder_runtime == "onnxruntime" and self.device.type == "cpu"
-                        else lambda image: sam.image_encoder(sam.preprocess(image)))
+        def encode(image: torch.Tensor) -> torch.Tensor:
+            return sam.image_encoder(sam.preprocess(image))
+
+        on_onnxruntime = encoder_runtime == "onnxruntime" and self.device.type == "cpu"
+        self.encoder = OnnxRuntimeForward(encode, sam, sam.image_size) if on_onnxruntime else encode
         self.window = round(sam.image_size / zoom)
         self.stride = stride or round(0.75 * self.window)
         self.scale = sam.image_size / self.window  # encoder pixels per image pixel
