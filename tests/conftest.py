@@ -82,16 +82,29 @@ TRAINED_ALLINSAM_OPTIONS = {"views": 2, "batch_size": 4, "foreground_prior": Non
 
 
 @pytest.fixture(scope="session")
-def trained_allinsam(tmp_path_factory) -> tuple[ConfigWorkflow, Path]:
+def trained_allinsam(tmp_path_factory) -> tuple[dict, Path]:
     """Two short epochs of the real training config on the sample crops (validation every epoch), once per test
-    session: (workflow, checkpoint folder with ``model.pt`` and ``last_checkpoint_epoch=2.pt``); one cached view per
-    crop. No warm-up and a 10x learning rate, so that two steps move the network off its all-background start
-    (probabilities 0.65-0.85 on the test crops, a spatially varying map for the tests that compare outputs). Without
-    the default output bias: with it, two such steps saturate every pixel near 1 (0.9995-1.0 measured)."""
-    root = tmp_path_factory.mktemp("train")
-    workflow = bundle_workflow([CONFIGS / "train.json"], "train", epochs=2, val_interval=1, warmup_steps=0,
-                               learning_rate=0.002, ckpt_dir=str(root / "models"), output_dir=str(root / "runs"),
-                               **TRAINED_ALLINSAM_OPTIONS)
-    assert workflow.check_properties() in (None, [])
-    workflow.run()
-    return workflow, root / "models"
+    session, whichever pytest-xdist worker asks first (a file lock; the others wait and read): (the run's record,
+    checkpoint folder with ``model.pt`` and ``last_checkpoint_epoch=2.pt``). The record holds the trainer's epoch,
+    iteration and last loss and the validator's metric names. One cached view per crop. No warm-up and a 10x
+    learning rate, so that two steps move the network off its all-background start (probabilities 0.65-0.85 on the
+    test crops, a spatially varying map for the tests that compare outputs). Without the default output bias: with
+    it, two such steps saturate every pixel near 1 (0.9995-1.0 measured)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    root = (shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared) / "trained_allinsam"
+    record_file = root / "run.json"
+    with FileLock(f"{root}.lock"):
+        if not record_file.is_file():
+            workflow = bundle_workflow([CONFIGS / "train.json"], "train", epochs=2, val_interval=1, warmup_steps=0,
+                                       learning_rate=0.002, ckpt_dir=str(root / "models"),
+                                       output_dir=str(root / "runs"), **TRAINED_ALLINSAM_OPTIONS)
+            assert workflow.check_properties() in (None, [])
+            workflow.run()
+            trainer = workflow.parser.get_parsed_content("train#trainer")
+            validator = workflow.parser.get_parsed_content("validate#evaluator")
+            record = {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration,
+                      "loss": float(trainer.state.output[0]["loss"]), "val_metrics": sorted(validator.state.metrics)}
+            record_file.write_text(json.dumps(record))
+    return json.loads(record_file.read_text()), root / "models"
