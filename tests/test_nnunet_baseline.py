@@ -80,24 +80,41 @@ def _bundle(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+DATALIST = SAMPLE_CROPS / "datalist.json"
+FOLD = "nnUNet_results/Dataset001_MoNuSeg/nnUNetTrainer__nnUNetPlans__2d/fold_all"
+
+
+def _training(work_dir: Path) -> list[str]:
+    return ["training", "--config_file", str(CONFIGS / "train.json"), "--datalist", str(DATALIST),
+            "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", "--work_dir", str(work_dir),
+            "--device", "$torch.device('cpu')"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory) -> Path:
+    """A work folder after one epoch of the sample crops: planned, preprocessed (about 40 s of nnU-Net's spawned
+    worker pools, done once for the module) and trained."""
+    work_dir = tmp_path_factory.mktemp("nnunet") / "work"
+    _bundle(*_training(work_dir), "--epochs", "1")
+    return work_dir
+
+
 @pytest.mark.slow
-def test_tiny_cpu_training_resume_and_prediction(tmp_path):
-    datalist = SAMPLE_CROPS / "datalist.json"
-    common = ["--work_dir", str(tmp_path / "work"), "--device", "$torch.device('cpu')"]
-    train = ["training", "--config_file", str(CONFIGS / "train.json"), "--datalist", str(datalist),
-             "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", *common]
-    _bundle(*train, "--epochs", "1")
-    fold = tmp_path / "work/nnUNet_results/Dataset001_MoNuSeg/nnUNetTrainer__nnUNetPlans__2d/fold_all"
+def test_tiny_cpu_training_resume_and_prediction(one_epoch, tmp_path):
+    work_dir = tmp_path / "work"
+    shutil.copytree(one_epoch, work_dir)
+    fold = work_dir / FOLD
     assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 1
     # a second run with more epochs continues from the checkpoint instead of starting again
-    second = _bundle(*train, "--epochs", "2")
+    second = _bundle(*_training(work_dir), "--epochs", "2")
     assert "planned and preprocessed already" in second.stdout
     assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2
     assert "Epoch 0" not in (second.stdout + second.stderr)
     # prediction of the test crops, in the allinsam bundle's layout
-    _bundle("--config_file", str(CONFIGS / "inference.json"), "--datalist", str(datalist), "--use_mirroring",
-            "false", "--output_dir", str(tmp_path / "predictions"), *common)
-    for entry in json.loads(datalist.read_text())["test"]:
+    _bundle("--config_file", str(CONFIGS / "inference.json"), "--datalist", str(DATALIST), "--use_mirroring",
+            "false", "--output_dir", str(tmp_path / "predictions"), "--work_dir", str(work_dir),
+            "--device", "$torch.device('cpu')")
+    for entry in json.loads(DATALIST.read_text())["test"]:
         name = entry["image"].split("/")[-1][:-4]
         image = np.asarray(Image.open(SAMPLE_CROPS / entry["image"]))
         probability = np.asarray(Image.open(tmp_path / "predictions" / f"{name}_prob.png"))
@@ -108,14 +125,11 @@ def test_tiny_cpu_training_resume_and_prediction(tmp_path):
         assert np.all(probability[mask == 1] >= 127) and np.all(probability[mask == 0] <= 128)
 
 
-
 @pytest.mark.slow
-def test_budgeted_training_stops_past_the_budget_and_resumes_with_what_is_left(tmp_path):
-    datalist = SAMPLE_CROPS / "datalist.json"
-    train = ["training", "--config_file", str(CONFIGS / "train.json"), "--datalist", str(datalist),
-             "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", "--work_dir", str(tmp_path / "work"),
-             "--device", "$torch.device('cpu')"]
-    fold = tmp_path / "work/nnUNet_results/Dataset001_MoNuSeg/nnUNetTrainer__nnUNetPlans__2d/fold_all"
+def test_budgeted_training_stops_past_the_budget_and_resumes_with_what_is_left(one_epoch, tmp_path):
+    work_dir = tmp_path / "work"
+    shutil.copytree(one_epoch, work_dir, ignore=shutil.ignore_patterns("nnUNet_results"))  # planned, not trained
+    train, fold = _training(work_dir), work_dir / FOLD
     _bundle(*train, "--budget_minutes", "0.05")  # 3 s: the first epoch ends past it
     spent = json.loads((fold / "training_budget.json").read_text())
     assert spent["epochs"] == 1 and spent["elapsed_s"] >= 3

@@ -102,7 +102,9 @@ def _bundle_command(ranks: int, weights, slides, output_dir, threshold: float) -
     return launcher + ["-m", "monai.bundle", "run", "--config_file", configs, "--ckpt_path", str(weights),
                        "--slide_glob", str(slides / "*.tif"), "--output_dir", str(output_dir), "--tile_size", "256",
                        "--tile_halo", "32", "--sw_overlap", "0.0", "--threshold", str(threshold),
-                       "--min_area", "1", "--wsi_progress", "false"]
+                       "--min_area", "1", "--wsi_progress", "false",
+                       # eager torch: each rank process would export the network to ONNX for one or two windows
+                       "--inference_runtime", "torch"]
 
 
 @pytest.mark.slow
