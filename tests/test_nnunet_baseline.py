@@ -84,10 +84,13 @@ DATALIST = SAMPLE_CROPS / "datalist.json"
 FOLD = "nnUNet_results/Dataset001_MoNuSeg/nnUNetTrainer__nnUNetPlans__2d/fold_all"
 
 
+def _on_cpu(work_dir: Path) -> list[str]:
+    return ["--work_dir", str(work_dir), "--device", "$torch.device('cpu')"]
+
+
 def _training(work_dir: Path) -> list[str]:
     return ["training", "--config_file", str(CONFIGS / "train.json"), "--datalist", str(DATALIST),
-            "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", "--work_dir", str(work_dir),
-            "--device", "$torch.device('cpu')"]
+            "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", *_on_cpu(work_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +115,7 @@ def test_tiny_cpu_training_resume_and_prediction(one_epoch, tmp_path):
     assert "Epoch 0" not in (second.stdout + second.stderr)
     # prediction of the test crops, in the allinsam bundle's layout
     _bundle("--config_file", str(CONFIGS / "inference.json"), "--datalist", str(DATALIST), "--use_mirroring",
-            "false", "--output_dir", str(tmp_path / "predictions"), "--work_dir", str(work_dir),
-            "--device", "$torch.device('cpu')")
+            "false", "--output_dir", str(tmp_path / "predictions"), *_on_cpu(work_dir))
     for entry in json.loads(DATALIST.read_text())["test"]:
         name = entry["image"].split("/")[-1][:-4]
         image = np.asarray(Image.open(SAMPLE_CROPS / entry["image"]))
