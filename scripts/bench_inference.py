@@ -4,12 +4,15 @@ matrix-multiply rate.
 
     python scripts/bench_inference.py --ckpt_path runs/grid_0.5pct/0.5pct_complete_seed0/models/model.pt \
         --images "data/monuseg/cases/images/TCGA-2Z*.png,data/monuseg/cases/images/TCGA-44*.png" \
-        --overlaps 0,0.25 --settings torch/float32,onnxruntime/float32,torch/bfloat16
+        --overlaps 0,0.25 --settings torch/float32,onnxruntime/float32,onnxruntime/int8,torch/bfloat16 \
+        --labels "data/monuseg/cases/labels/{stem}.png"
 
 Prints, per (overlap, runtime/precision): seconds per image (reading, inference, post-processing and writing the PNGs
-included; the first image is a warm-up when more than one is given, and takes ONNX Runtime's export), the speed-up
-over torch/float32 at the same overlap, the Dice of its masks against torch/float32's on the same images, and the
-network's GFLOP/s (its counted floating-point operations per window x windows / seconds) beside the 2048x2048
+included; the first image is a warm-up when more than one is given, and takes ONNX Runtime's export; Dice counts
+every image), the speed-up
+over the reference setting (``--reference``, torch/float32 unless told) at the same overlap, the Dice of its masks
+against the reference's on the same images, with ``--labels`` their mean Dice against the truth, and the network's
+GFLOP/s (its counted floating-point operations per window x windows / seconds) beside the 2048x2048
 ``torch.matmul`` rate measured in the same run. Run it alone on the machine.
 """
 
@@ -47,11 +50,16 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) ->
 
 
 def window_gflop(network: torch.nn.Module) -> float:
-    """Floating-point operations (GFLOP) of one forward pass of ``network`` on one window, as torch counts them
-    (matrix multiplies and convolutions)."""
+    """Floating-point operations (GFLOP) of one float32 forward pass of ``network`` on one window, as torch counts them
+    (matrix multiplies and convolutions), on torch: ONNX Runtime's work is invisible to the counter."""
     window = torch.rand(1, 3, network.image_size, network.image_size)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        network(window)
+    options = network.inference_runtime, network.inference_precision
+    network.inference_runtime, network.inference_precision = "torch", "float32"
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            network(window)
+    finally:
+        network.inference_runtime, network.inference_precision = options
     return counter.get_total_flops() / 1e9
 
 
@@ -93,25 +101,32 @@ REFERENCE = "torch/float32"
 
 
 def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
-         settings: str | tuple = (REFERENCE, "onnxruntime/float32"), sw_batch_size: int = 1) -> list[dict]:
+         settings: str | tuple = (REFERENCE, "onnxruntime/float32"), sw_batch_size: int = 1,
+         reference: str = REFERENCE, labels: str | None = None) -> list[dict]:
     """``settings``: ``runtime/precision`` pairs of inference.json's ``inference_runtime`` and
-    ``inference_precision``; ``torch/float32`` is the reference and always runs first."""
+    ``inference_precision``; ``reference`` is one of them and always runs first. ``labels``: the binary truth of
+    each image, a path with ``{stem}`` for the image's file stem."""
     paths = sorted(path for pattern in images.split(",") for path in glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no image matches {images}")
-    settings = [REFERENCE] + [name for name in _listed(settings) if name != REFERENCE]
+    truths = {path: labels.format(stem=Path(path).stem) for path in paths} if labels else {}
+    missing = [truth for truth in truths.values() if not Path(truth).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--labels: no truth file {missing[0]} ({len(missing)} missing)")
+    settings = [reference] + [name for name in _listed(settings) if name != reference]
     for setting in settings:
         if setting.count("/") != 1:
             raise ValueError(f"a setting is runtime/precision (e.g. onnxruntime/float32), got {setting!r}")
     precisions = {setting.split("/")[1] for setting in settings}
     rates = {name: matmul_gflops(getattr(torch, name)) for name in ("float32", "bfloat16") if name in precisions}
+    rates.setdefault("float32", matmul_gflops(torch.float32))
     print("matmul 2048x2048: " + ", ".join(f"{name} {rate:.1f} GFLOP/s" for name, rate in rates.items())
           + f" (threads {torch.get_num_threads()})")
     measured = slice(1, None) if len(paths) > 1 else slice(None)
     rows, gflop = [], 0.0
     with tempfile.TemporaryDirectory() as root:
         for overlap in map(float, _listed(overlaps)):
-            reference = None
+            baseline = None
             for setting in settings:
                 runtime, precision = setting.split("/")
                 output = Path(root) / f"{overlap:g}_{runtime}_{precision}"
@@ -119,17 +134,20 @@ def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
                                                  sw_batch_size)
                 gflop = gflop or window_gflop(network.eval())  # the same for every run: counted once, in float32
                 per_image = float(np.mean(seconds[measured]))
-                reference = reference or (output, per_image)
-                dice = np.mean([dice_iou(_read_mask(reference[0], path), _read_mask(output, path))[0]
-                                for path in paths[measured]])
+                baseline = baseline or (output, per_image)
+                dice = np.mean([dice_iou(_read_mask(baseline[0], path), _read_mask(output, path))[0] for path in paths])
+                truth_dice = np.mean([dice_iou(_read_mask(output, path), np.asarray(Image.open(truths[path])))[0]
+                                      for path in paths]) if truths else float("nan")
                 rate = gflop * windows / len(paths) / per_image
                 rows.append({"overlap": overlap, "runtime": runtime, "precision": precision,
-                             "seconds_per_image": per_image, "speedup_vs_torch_float32": reference[1] / per_image,
-                             "dice_vs_torch_float32": float(dice),
+                             "seconds_per_image": per_image, "reference": reference,
+                             "speedup_vs_reference": baseline[1] / per_image, "dice_vs_reference": float(dice),
+                             "dice_vs_truth": float(truth_dice),
                              "windows_per_image": windows / len(paths), "gflop_per_window": gflop,
                              "gflops": rate})
                 print(f"overlap {overlap:g} {setting:>19}: {per_image:.1f} s per image, "
-                      f"{reference[1] / per_image:.2f}x {REFERENCE}, mask Dice vs {REFERENCE} {dice:.5f}, "
+                      f"{baseline[1] / per_image:.2f}x {reference}, mask Dice vs {reference} {dice:.5f}, "
+                      + (f"Dice vs truth {truth_dice:.4f}, " if truths else "") +
                       f"{windows / len(paths):.0f} windows of {gflop:.1f} GFLOP -> {rate:.0f} GFLOP/s "
                       f"({rate / rates['float32']:.0%} of the float32 matmul rate)")
     return rows

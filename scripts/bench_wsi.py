@@ -99,10 +99,10 @@ def build_slide(path: str, size: int, monuseg: str) -> None:
 def main(ckpt_path: str | None = None, slide: str | None = None, size: int = 4096,
          monuseg: str = str(REPO.parent / "shared" / "data" / "monuseg"), network: str = "bundle",
          tile_size: int = 1024, tile_halo: int = 64, sw_batch_size: int = 4, sw_overlap: float = 0.25,
-         wsi_backend: str = "tifffile", inference_runtime: str = "onnxruntime",
+         wsi_backend: str = "tifffile", inference_runtime: str | None = None, inference_precision: str | None = None,
          output: str = str(REPO / "docs" / "results" / "wsi_throughput.json")) -> dict:
-    """``network``: ``bundle`` (AllInSamNet with ``ckpt_path``, run by ``inference_runtime``: inference.json's
-    ``onnxruntime`` or ``torch``) or ``stand_in`` (``DarkStandIn``)."""
+    """``network``: ``bundle`` (AllInSamNet with ``ckpt_path``, run by ``inference_runtime`` and
+    ``inference_precision``, inference.json's defaults unless given) or ``stand_in`` (``DarkStandIn``)."""
     from monai.bundle import ConfigWorkflow
 
     from scripts.inference import TilePredictor, load_checkpoint
@@ -121,7 +121,9 @@ def main(ckpt_path: str | None = None, slide: str | None = None, size: int = 409
         workflow = ConfigWorkflow(config_file=[str(BUNDLE / "configs" / name) for name in
                                                ("inference.json", "wsi_inference.json")],
                                   workflow_type="infer", sw_batch_size=sw_batch_size, sw_overlap=sw_overlap,
-                                  inference_runtime=inference_runtime)
+                                  **{key: value for key, value in (("inference_runtime", inference_runtime),
+                                                                   ("inference_precision", inference_precision))
+                                     if value is not None})
         workflow.initialize()
         device = workflow.parser.get_parsed_content("device")
         if network == "bundle":
@@ -139,7 +141,8 @@ def main(ckpt_path: str | None = None, slide: str | None = None, size: int = 409
                               backend=wsi_backend)
         seconds = time.perf_counter() - started
     result = {
-        "network": network, "inference_runtime": inference_runtime, "slide": summary["slide"],
+        "network": network, "inference_runtime": workflow.parser.get_parsed_content("inference_runtime"),
+        "inference_precision": workflow.parser.get_parsed_content("inference_precision"), "slide": summary["slide"],
         "shape": summary["shape"], "tile_size": tile_size,
         "tile_halo": tile_halo, "sw_batch_size": sw_batch_size, "sw_overlap": sw_overlap,
         "tiles_in_grid": summary["tiles_in_grid"], "tiles_run": len(summary["tiles_run"]),

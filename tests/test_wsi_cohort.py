@@ -104,7 +104,7 @@ def _bundle_command(ranks: int, weights, slides, output_dir, threshold: float) -
                        "--tile_halo", "32", "--sw_overlap", "0.0", "--threshold", str(threshold),
                        "--min_area", "1", "--wsi_progress", "false",
                        # eager torch: each rank process would export the network to ONNX for one or two windows
-                       "--inference_runtime", "torch"]
+                       "--inference_precision", "float32", "--inference_runtime", "torch"]
 
 
 @pytest.mark.slow

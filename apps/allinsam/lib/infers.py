@@ -17,6 +17,9 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.utils.others.class_utils import unload_module
 
+# window embeddings the box model keeps (4 MiB each with LiteMedSAM): new boxes on a tile seen before skip the encoder
+APP_CACHED_WINDOWS = 32
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,10 +96,11 @@ class AllInSamSegmentation(BundleInferTask):
     Options (request, or app conf for the default): ``threshold`` on the probability and ``instances``:
     ``components`` (8-connected) or ``watershed`` (splits touching nuclei), the functions that score the bundle;
     both default to the bundle's (its ``calibrate.json`` choice when the model was calibrated, else 0.5 and
-    components).
+    components). App conf ``inference_precision`` (``float32``, ``int8`` or ``bfloat16``) overrides inference.json's.
     """
 
     def __init__(self, path: str, conf: dict[str, str]):
+        self.inference_precision = conf.get("inference_precision")
         super().__init__(path, conf, type=InferType.SEGMENTATION, add_post_restore=False)
         if not self.is_valid():
             return
@@ -106,6 +110,13 @@ class AllInSamSegmentation(BundleInferTask):
         threshold = float(conf.get("threshold", self.bundle_config.get_parsed_content("threshold")))
         instances = conf.get("instances", self.bundle_config.get_parsed_content("instance_method"))
         self._config.update({"threshold": threshold, "instances": instances})
+
+    def _load_bundle_config(self, path, config):
+        """inference.json with the app's ``inference_precision``, set before the network is built from it."""
+        bundle_config = super()._load_bundle_config(path, config)
+        if self.inference_precision:
+            bundle_config["inference_precision"] = self.inference_precision
+        return bundle_config
 
     def post_transforms(self, data=None) -> list:
         return [*super().post_transforms(data), self.instances_and_contours]
@@ -129,7 +140,8 @@ class AllInSamBoxAnnotation(BasicInferTask):
     ``configs/annotate.json`` (its preprocessing and ``BoxPromptedSegmenter``, pretrained SAM, no training).
 
     Box i gets instance id i + 1; boxes partly outside the tile are clipped, boxes fully outside are skipped and
-    listed with the reason in ``result.report``.
+    listed with the reason in ``result.report``. App conf: ``encoder_precision`` (``float32`` or ``int8``),
+    ``cached_windows`` (default ``APP_CACHED_WINDOWS``), ``backbone``, ``sam_checkpoint``.
     """
 
     def __init__(self, path: str, conf: dict[str, str]):
@@ -137,9 +149,10 @@ class AllInSamBoxAnnotation(BasicInferTask):
         parser = ConfigParser()
         parser.read_config(os.path.join(path, "configs", "annotate.json"))
         parser["bundle_root"] = path
-        for key in ("backbone", "sam_checkpoint"):
+        for key in ("backbone", "sam_checkpoint", "encoder_precision"):
             if conf.get(key):
                 parser[key] = conf[key]
+        parser["cached_windows"] = int(conf.get("cached_windows", APP_CACHED_WINDOWS))
         sys.path.insert(0, path)
         try:
             self.segmenter = parser.get_parsed_content("segmenter")

@@ -4,12 +4,15 @@ The image is covered by a regular grid of windows (the encoder's input size time
 each prompt is decoded in the window where its centre is farthest from the window border, so a prompt that
 crosses window borders is still decoded exactly once. One encoder pass per window that has prompts. The decoder
 sees a crop of the image embedding around each prompt (``decoder_context`` pixels beyond the box; the positional
-encoding is cropped alike), and prompts sharing a crop go through the decoder in one batched call.
+encoding is cropped alike), and prompts whose crops have the same size go through the decoder in one batched call,
+each with its own crop.
 """
 
+import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,13 +23,13 @@ from monai.data.utils import dense_patch_slices
 from tqdm import tqdm
 
 from ..data import check_entries, write_json_atomic, write_png_atomic
-from ..networks import RUNTIME_CHOICES, OnnxRuntimeForward, SamBackbone
+from ..networks import ONNX_PRECISION_CHOICES, RUNTIME_CHOICES, OnnxRuntimeForward, SamBackbone
 from .prompts import read_prompts
 
 logger = logging.getLogger(__name__)
 NO_MASK_LOGIT = -20.0  # a mask prompt's value where nothing is known
-CROP_GRID = 4  # decoder crops start on multiples of this many tokens, so nearby prompts share a call
-DECODER_BATCH = 64  # prompts per decoder call at most: memory stays bounded however many prompts share a crop
+CROP_GRID = 4  # decoder crop sides and starts are multiples of this many tokens (few sizes: few decoder calls)
+DECODER_BATCH = 64  # prompts per decoder call at most: memory stays bounded however many prompts a window has
 MAX_PROMPTS = 65535  # instance ids are uint16 (the PNG instance maps); prompt i keeps id i + 1
 
 
@@ -66,6 +69,21 @@ def validate_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarr
     return clipped, skipped
 
 
+def decode_crops(decoder: torch.nn.Module, embeddings: torch.Tensor, image_pe: torch.Tensor,
+                 sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's ``MaskDecoder`` on n prompts, each with its own embedding crop: mask logits (n, M, 4k, 4k) and IoU
+    predictions (n, M) for embeddings, positional encodings and dense prompt embeddings (n, 256, k, k) and sparse
+    prompt embeddings (n, T, 256). The decoder's own ``predict_masks`` repeats one image and one positional encoding
+    for every prompt, which crops at different places cannot share; the steps are its own."""
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(len(sparse), -1, -1)
+    hidden, image = decoder.transformer(embeddings + dense, image_pe, torch.cat([tokens, sparse], dim=1))
+    upscaled = decoder.output_upscaling(image.transpose(1, 2).reshape(embeddings.shape))
+    mask_tokens = hidden[:, 1 : 1 + decoder.num_mask_tokens]
+    hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
+    masks = (hyper @ upscaled.flatten(2)).view(len(sparse), -1, *upscaled.shape[2:])
+    return masks, decoder.iou_prediction_head(hidden[:, 0])
+
+
 class PromptRegions(NamedTuple):
     """One image's prompts, checked (``BoxPromptedSegmenter._prompt_regions``); K = boxes + points."""
 
@@ -96,21 +114,32 @@ class BoxPromptedSegmenter:
         device: where the network runs.
         encoder_runtime: ``torch``, or ``onnxruntime``: on the CPU the image encoder runs through ONNX Runtime
             (exported once here; the prompt encoder and decoder stay on torch). Elsewhere torch.
+        encoder_precision: ``float32``, or ``int8`` (ONNX Runtime's dynamic quantisation of the encoder's MatMul
+            nodes, see ``OnnxRuntimeForward``; with ``encoder_runtime`` onnxruntime only).
+        cached_windows: how many windows' embeddings to keep, keyed by the window's pixels (least recently used
+            dropped first; 4 MiB each for LiteMedSAM), so that new prompts on a tile seen before skip the encoder
+            (the MONAI Label app); 0 keeps none.
     """
 
     def __init__(self, sam: SamBackbone, zoom: float = 0.75, stride: int | None = None,
                  decoder_context: float | None = 32, threshold: float = -3.0, clip_margin: float | None = 0,
                  multimask: bool = False, refine: bool = False, flip: bool = False, point_box: float = 32,
-                 device: str | torch.device = "cpu", encoder_runtime: str = "torch"):
+                 device: str | torch.device = "cpu", encoder_runtime: str = "torch",
+                 encoder_precision: str = "float32", cached_windows: int = 0):
         if encoder_runtime not in RUNTIME_CHOICES:
             raise ValueError(f"encoder_runtime must be one of {RUNTIME_CHOICES}, got {encoder_runtime!r}")
+        int8_on_torch = encoder_precision == "int8" and encoder_runtime == "torch"
+        if encoder_precision not in ONNX_PRECISION_CHOICES or int8_on_torch:
+            raise ValueError(f"encoder_precision must be one of {ONNX_PRECISION_CHOICES} (int8 with encoder_runtime "
+                             f"onnxruntime), got {encoder_precision!r} with {encoder_runtime!r}")
         self.sam = sam.to(device).eval()
         self.device = torch.device(device)
         def encode(image: torch.Tensor) -> torch.Tensor:
             return sam.image_encoder(sam.preprocess(image))
 
         on_onnxruntime = encoder_runtime == "onnxruntime" and self.device.type == "cpu"
-        self.encoder = OnnxRuntimeForward(encode, sam, sam.image_size) if on_onnxruntime else encode
+        self.encoder = (OnnxRuntimeForward(encode, sam, sam.image_size, precision=encoder_precision) if on_onnxruntime
+                        else encode)
         self.window = round(sam.image_size / zoom)
         self.stride = stride or round(0.75 * self.window)
         self.scale = sam.image_size / self.window  # encoder pixels per image pixel
@@ -119,12 +148,33 @@ class BoxPromptedSegmenter:
         self.multimask, self.refine, self.flip, self.point_box = multimask, refine, flip, point_box
         with torch.no_grad():
             self.image_pe = sam.prompt_encoder.get_dense_pe().to(self.device)
+        self.cached_windows = cached_windows
+        self._embeddings: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()
+        self.windows_reused = 0  # encoder passes saved by the cache so far
 
     # --- encoder ---------------------------------------------------------------------------------------------------
 
     def _encode(self, window: np.ndarray) -> list[torch.Tensor]:
-        """(h, w, 3) uint8 window -> its embedding (1, 256, E, E), and the flipped window's when ``flip``."""
-        image = torch.from_numpy(np.ascontiguousarray(window)).to(self.device, torch.float32).permute(2, 0, 1)[None]
+        """(h, w, 3) uint8 window -> its embedding (1, 256, E, E), and the flipped window's when ``flip``; from the
+        cache when the same pixels were encoded before."""
+        window = np.ascontiguousarray(window)
+        digest = hashlib.blake2b(repr(window.shape).encode(), digest_size=16)
+        digest.update(window.tobytes())
+        key = digest.digest()
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            self.windows_reused += 1
+            return self._embeddings[key]
+        embeddings = self._encode_pass(window)
+        if self.cached_windows > 0:
+            self._embeddings[key] = embeddings
+            while len(self._embeddings) > self.cached_windows:
+                self._embeddings.popitem(last=False)
+        return embeddings
+
+    def _encode_pass(self, window: np.ndarray) -> list[torch.Tensor]:
+        """One encoder pass (two with ``flip``) over a (h, w, 3) uint8 window."""
+        image = torch.from_numpy(window).to(self.device, torch.float32).permute(2, 0, 1)[None]
         image = F.pad(image, (0, self.window - window.shape[1], 0, self.window - window.shape[0]))
         if self.window != self.sam.image_size:
             image = F.interpolate(image, size=(self.sam.image_size,) * 2, mode="bilinear", antialias=True)
@@ -135,7 +185,7 @@ class BoxPromptedSegmenter:
     # --- decoder ---------------------------------------------------------------------------------------------------
 
     def _crop_of(self, prompt_box: np.ndarray) -> tuple[int, int, int]:
-        """Embedding crop ``(k, ty, tx)`` in tokens around a prompt box given in encoder pixels."""
+        """Embedding crop ``(k, ty, tx)`` in tokens around a prompt box given in encoder pixels: side k, start."""
         size = self.sam.embedding_size
         if self.decoder_context is None:
             return size, 0, 0
@@ -147,40 +197,44 @@ class BoxPromptedSegmenter:
         ty, tx = (int(np.clip(CROP_GRID * round((c - k / 2) / CROP_GRID), 0, size - k)) for c in (centre_y, centre_x))
         return k, ty, tx
 
-    def _decode_crop(self, embedding: torch.Tensor, crop: tuple[int, int, int], boxes: torch.Tensor | None,
-                     points: torch.Tensor | None, mask_prompt: torch.Tensor | None, multimask: bool) -> torch.Tensor:
-        """Mask logits (n, 1, 4k, 4k) of n prompts on the embedding crop; prompts in encoder pixels."""
-        k, ty, tx = crop
+    def _decode_crops(self, embedding: torch.Tensor, k: int, starts: np.ndarray, boxes: torch.Tensor | None,
+                      points: torch.Tensor | None, mask_prompt: torch.Tensor | None, multimask: bool) -> torch.Tensor:
+        """Mask logits (n, 1, 4k, 4k) of n prompts (encoder pixels), prompt i on the embedding crop of side k
+        starting at token ``starts[i]`` (ty, tx)."""
         point_prompt = None if points is None else (points[:, None, :], torch.ones(len(points), 1, device=self.device))
         sparse, dense = self.sam.prompt_encoder(points=point_prompt, boxes=boxes, masks=mask_prompt)
-        crop_of = (..., slice(ty, ty + k), slice(tx, tx + k))
-        masks, iou = self.sam.mask_decoder(
-            image_embeddings=embedding[crop_of], image_pe=self.image_pe[crop_of],
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[crop_of], multimask_output=multimask,
-        )
-        return masks.gather(1, iou.argmax(1).view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[2:])) if multimask else masks
+        dense = dense.expand(len(starts), -1, -1, -1)
 
-    def _decode(self, embedding: torch.Tensor, crop: tuple[int, int, int], boxes: torch.Tensor | None,
+        def cropped(maps: torch.Tensor) -> torch.Tensor:  # (1 or n, C, E, E) -> (n, C, k, k), row i at starts[i]
+            return torch.stack([maps[i % len(maps), :, ty : ty + k, tx : tx + k] for i, (ty, tx) in enumerate(starts)])
+
+        masks, iou = decode_crops(self.sam.mask_decoder, cropped(embedding), cropped(self.image_pe), sparse,
+                                  cropped(dense))
+        if not multimask:
+            return masks[:, :1]
+        masks, iou = masks[:, 1:], iou[:, 1:]
+        return masks.gather(1, iou.argmax(1).view(-1, 1, 1, 1).expand(-1, 1, *masks.shape[2:]))
+
+    def _decode(self, embedding: torch.Tensor, k: int, starts: np.ndarray, boxes: torch.Tensor | None,
                 points: torch.Tensor | None) -> torch.Tensor:
-        logits = self._decode_crop(embedding, crop, boxes, points, None, self.multimask)
+        logits = self._decode_crops(embedding, k, starts, boxes, points, None, self.multimask)
         if self.refine:
-            k, ty, tx = crop
             side = 4 * self.sam.embedding_size
             mask_prompt = torch.full((len(logits), 1, side, side), NO_MASK_LOGIT, device=self.device)
-            mask_prompt[..., 4 * ty : 4 * (ty + k), 4 * tx : 4 * (tx + k)] = logits
-            logits = self._decode_crop(embedding, crop, boxes, points, mask_prompt, multimask=False)
+            for row, (ty, tx) in enumerate(starts):
+                mask_prompt[row, :, 4 * ty : 4 * (ty + k), 4 * tx : 4 * (tx + k)] = logits[row]
+            logits = self._decode_crops(embedding, k, starts, boxes, points, mask_prompt, multimask=False)
         return logits
 
-    def _decode_flipped(self, embedding: torch.Tensor, crop: tuple[int, int, int], boxes: torch.Tensor | None,
+    def _decode_flipped(self, embedding: torch.Tensor, k: int, starts: np.ndarray, boxes: torch.Tensor | None,
                         points: torch.Tensor | None) -> torch.Tensor:
         """The same prompts decoded on the flipped window's embedding, flipped back."""
-        k, ty, tx = crop
         size = self.sam.image_size
         flipped_boxes = None if boxes is None else torch.stack([size - boxes[:, 2], boxes[:, 1],
                                                                 size - boxes[:, 0], boxes[:, 3]], 1)
         flipped_points = None if points is None else torch.stack([size - points[:, 0], points[:, 1]], 1)
-        crop_flipped = (k, ty, self.sam.embedding_size - tx - k)
-        return self._decode(embedding, crop_flipped, flipped_boxes, flipped_points).flip(-1)
+        flipped_starts = np.stack([starts[:, 0], self.sam.embedding_size - starts[:, 1] - k], axis=1)
+        return self._decode(embedding, k, flipped_starts, flipped_boxes, flipped_points).flip(-1)
 
     # --- whole image -----------------------------------------------------------------------------------------------
 
@@ -193,6 +247,7 @@ class BoxPromptedSegmenter:
         mask logit (the lower id on ties). The report lists what was used and what was skipped, and why.
         """
         height, width = image.shape[:2]
+        reused_before = self.windows_reused
         prompts = self._prompt_regions(boxes, points, height, width)
         windows, home = self._home_windows(prompts.regions[prompts.valid], height, width)
         instances = np.zeros((height, width), dtype=np.uint16)
@@ -213,7 +268,8 @@ class BoxPromptedSegmenter:
             "points_total": prompts.points_total,
             "prompts_used": len(found),
             "prompts_skipped": prompts.skipped + [{"index": i, "reason": "SAM returned an empty mask"} for i in empty],
-            "windows_encoded": int(len(np.unique(home))),
+            "windows_encoded": int(len(np.unique(home))) - (self.windows_reused - reused_before),
+            "windows_reused": self.windows_reused - reused_before,
             "decoder_calls": decoder_calls,
         }
         return instances, report
@@ -254,38 +310,40 @@ class BoxPromptedSegmenter:
     def _decode_window(self, image: np.ndarray, origin: tuple[int, int], members: np.ndarray,
                        prompts: PromptRegions, instances: np.ndarray, best_logit: np.ndarray, progress) -> int:
         """Encode one window and decode its ``members`` (prompt indices) in batches of at most ``DECODER_BATCH``
-        sharing a crop, pasting their masks; returns the decoder calls made."""
+        whose crops have one size, pasting their masks; returns the decoder calls made."""
         y0, x0 = origin
         embeddings = self._encode(image[y0 : y0 + self.window, x0 : x0 + self.window])
         encoder_boxes = (prompts.regions[members] - [x0, y0, x0, y0]) * self.scale
+        crops = np.array([self._crop_of(box) for box in encoder_boxes], dtype=int).reshape(-1, 3)  # (n, [k, ty, tx])
         groups: dict[tuple, list[int]] = {}
-        for row, (member, box) in enumerate(zip(members, encoder_boxes)):
-            groups.setdefault((bool(prompts.decode_as_point[member]), *self._crop_of(box)), []).append(row)
+        for row, (member, side) in enumerate(zip(members, crops[:, 0])):
+            groups.setdefault((bool(prompts.decode_as_point[member]), int(side)), []).append(row)
         batches = [(key, rows[start : start + DECODER_BATCH]) for key, rows in groups.items()
                    for start in range(0, len(rows), DECODER_BATCH)]
-        for (point_group, *crop), rows in batches:
+        for (point_group, k), rows in batches:
             prompt = torch.as_tensor(encoder_boxes[rows], dtype=torch.float32, device=self.device)
             box_prompt, point_prompt = (None, (prompt[:, :2] + prompt[:, 2:]) / 2) if point_group else (prompt, None)
-            logits = self._decode(embeddings[0], tuple(crop), box_prompt, point_prompt)
+            starts = crops[rows, 1:]
+            logits = self._decode(embeddings[0], k, starts, box_prompt, point_prompt)
             if self.flip:
-                logits = (logits + self._decode_flipped(embeddings[1], tuple(crop), box_prompt, point_prompt)) / 2
-            self._paste(logits, tuple(crop), origin, members[rows], prompts.clip_regions, instances, best_logit)
+                logits = (logits + self._decode_flipped(embeddings[1], k, starts, box_prompt, point_prompt)) / 2
+            self._paste(logits, starts, origin, members[rows], prompts.clip_regions, instances, best_logit)
             progress.update(len(rows))
         return len(batches) * (1 + self.flip)
 
-    def _paste(self, logits: torch.Tensor, crop: tuple[int, int, int], window_origin: tuple[int, int],
+    def _paste(self, logits: torch.Tensor, starts: np.ndarray, window_origin: tuple[int, int],
                prompt_ids: np.ndarray, clip_regions: np.ndarray, instances: np.ndarray, best_logit: np.ndarray) -> None:
-        """Write the masks of one decoder call into the image-sized instance map, each cut to its clip region
-        ``[x0, y0, x1, y1]`` (image pixels), keeping the higher logit where masks overlap."""
-        _, ty, tx = crop
+        """Write the masks of one decoder call (mask i from the crop starting at token ``starts[i]``) into the
+        image-sized instance map, each cut to its clip region ``[x0, y0, x1, y1]`` (image pixels), keeping the higher
+        logit where masks overlap."""
         pixels_per_output = self.pixels_per_token / 4 / self.scale  # image pixels per decoder output pixel
         if pixels_per_output != 1:
             logits = F.interpolate(logits, scale_factor=pixels_per_output, mode="bilinear", align_corners=False)
         logits = logits[:, 0].cpu().numpy()
-        oy = window_origin[0] + round(ty * self.pixels_per_token / self.scale)
-        ox = window_origin[1] + round(tx * self.pixels_per_token / self.scale)
         height, width = instances.shape
-        for prompt_id, mask_logits in zip(prompt_ids, logits):
+        for prompt_id, mask_logits, (ty, tx) in zip(prompt_ids, logits, starts):
+            oy = window_origin[0] + round(ty * self.pixels_per_token / self.scale)
+            ox = window_origin[1] + round(tx * self.pixels_per_token / self.scale)
             bx0, by0, bx1, by1 = clip_regions[prompt_id]
             y0, x0 = max(oy, math.floor(by0)), max(ox, math.floor(bx0))
             y1 = min(oy + mask_logits.shape[0], height, math.ceil(by1))

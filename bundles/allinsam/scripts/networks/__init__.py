@@ -1,6 +1,6 @@
 from .allinsam_net import AllInSamNet, FeatureHead, recipe_of_checkpoint
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
-from .onnx_runtime import RUNTIME_CHOICES, OnnxRuntimeForward
+from .onnx_runtime import ONNX_PRECISION_CHOICES, RUNTIME_CHOICES, OnnxRuntimeForward
 from .sam_adapter import (
     AdaptedTinyViTEncoder,
     AdaptedViTEncoder,
@@ -23,6 +23,7 @@ __all__ = [
     "read_network_weights",
     "recipe_of_checkpoint",
     "LITEMEDSAM_SHA256",
+    "ONNX_PRECISION_CHOICES",
     "RUNTIME_CHOICES",
     "AdaptedTinyViTEncoder",
     "AdaptedViTEncoder",

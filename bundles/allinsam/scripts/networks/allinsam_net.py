@@ -18,7 +18,7 @@ from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam
 
 logger = logging.getLogger(__name__)
 TRAINABLE_CHOICES = ("adapter", "tail", "decoder", "full")
-PRECISION_CHOICES = ("float32", "bfloat16")
+PRECISION_CHOICES = ("float32", "bfloat16", "int8")
 # the trainable parts start after a frozen part of the encoder, whose output can be cached per view
 CACHEABLE_CHOICES = ("tail", "decoder")
 ADAPTER_KEY = ".generators."  # in the parameter names of the SAM-Adapter prompt generators (adapter, full)
@@ -61,10 +61,13 @@ class AllInSamNet(nn.Module):
         scale_factor: adapter width = encoder width // scale_factor.
         inference_precision: ``float32``, or ``bfloat16``: in eval mode the forward pass runs under bfloat16
             autocast (about 2x faster on a CPU with AVX-512 BF16; emulated and 6-23x slower on one without, which
-            the first call warns about, see ``native_bfloat16``); logits come back as float32. Training is float32.
+            the first call warns about, see ``native_bfloat16``); logits come back as float32. ``int8``: with
+            ``inference_runtime`` onnxruntime only, the exported graph's MatMul nodes quantised dynamically
+            (``OnnxRuntimeForward``); where ONNX Runtime does not run (GPU, adapter recipes) the pass is float32 torch.
+            Training is float32.
         inference_runtime: ``torch``, or ``onnxruntime``: in eval mode, forward passes on CPU tensors run through
             ONNX Runtime (``OnnxRuntimeForward``, exported from the current weights at the first such call and again
-            whenever a weight has changed since, by loading or training; float32 only). The adapter recipes (FFT) and
+            whenever a weight has changed since, by loading or training; float32 or int8). The adapter recipes (FFT) and
             any export that fails warn once and stay on torch. Features for MOCL always come from torch.
         foreground_prior: None keeps the decoder's own logits (the paper). A share in (0, 1) adds a trainable
             per-class bias to the logits, set on the first training batch so that its mean logit is
@@ -86,9 +89,12 @@ class AllInSamNet(nn.Module):
             raise ValueError(f"inference_precision must be one of {PRECISION_CHOICES}, got {inference_precision!r}")
         if inference_runtime not in RUNTIME_CHOICES:
             raise ValueError(f"inference_runtime must be one of {RUNTIME_CHOICES}, got {inference_runtime!r}")
-        if inference_runtime == "onnxruntime" and inference_precision != "float32":
-            raise ValueError(f"inference_runtime onnxruntime runs float32: it cannot run inference_precision "
-                             f"{inference_precision!r} (use --inference_runtime torch for that)")
+        if inference_runtime == "onnxruntime" and inference_precision == "bfloat16":
+            raise ValueError("inference_runtime onnxruntime runs float32 or int8: it cannot run inference_precision "
+                             "'bfloat16' (use --inference_runtime torch for that)")
+        if inference_runtime == "torch" and inference_precision == "int8":
+            raise ValueError("inference_precision int8 is ONNX Runtime's quantisation: use --inference_runtime "
+                             "onnxruntime with it, or --inference_precision float32 with --inference_runtime torch")
         self.inference_runtime = inference_runtime
         self._onnx_forward: OnnxRuntimeForward | None = None
         self._onnx_weights: tuple = ()  # weights_version() of the exported weights
@@ -178,7 +184,7 @@ class AllInSamNet(nn.Module):
             if runtime is not None:
                 self._check_image(image)
                 return runtime(image)
-        if self.inference_precision == "float32":
+        if self.inference_precision != "bfloat16":  # int8 where ONNX Runtime cannot run: float32 torch
             return self._forward(image, return_features)
         if not self._precision_checked:
             self._precision_checked = True
@@ -203,16 +209,16 @@ class AllInSamNet(nn.Module):
         if self._onnx_forward is None and not self._onnx_failed and self.trainable in ("adapter", "full"):
             self._onnx_failed = True
             logger.warning("inference_runtime onnxruntime: the SAM-Adapter's FFT feature has no ONNX operator, so "
-                           f"AllInSamNet(trainable={self.trainable}) infers on torch")
+                           f"AllInSamNet(trainable={self.trainable}) infers on torch in float32")
         if self._onnx_forward is None and not self._onnx_failed:
             try:
                 self._onnx_forward = OnnxRuntimeForward(lambda image: self._forward(image, False), self,
-                                                        self.image_size)
+                                                        self.image_size, precision=self.inference_precision)
                 self._onnx_weights = self.weights_version()
             except Exception as error:  # any exporter or runtime failure: torch still runs the network
                 self._onnx_failed = True
                 logger.warning(f"inference_runtime onnxruntime: the export of AllInSamNet({self.backbone}, "
-                               f"trainable={self.trainable}) failed, so inference runs on torch "
+                               f"trainable={self.trainable}) failed, so inference runs on torch in float32 "
                                f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
         return self._onnx_forward
 
