@@ -158,6 +158,8 @@ class BoxPromptedSegmenter:
         """(h, w, 3) uint8 window -> its embedding (1, 256, E, E), and the flipped window's when ``flip``; from the
         cache when the same pixels were encoded before."""
         window = np.ascontiguousarray(window)
+        if self.cached_windows == 0:
+            return self._encode_pass(window)
         digest = hashlib.blake2b(repr(window.shape).encode(), digest_size=16)
         digest.update(window.tobytes())
         key = digest.digest()
@@ -165,12 +167,10 @@ class BoxPromptedSegmenter:
             self._embeddings.move_to_end(key)
             self.windows_reused += 1
             return self._embeddings[key]
-        embeddings = self._encode_pass(window)
-        if self.cached_windows > 0:
-            self._embeddings[key] = embeddings
-            while len(self._embeddings) > self.cached_windows:
-                self._embeddings.popitem(last=False)
-        return embeddings
+        self._embeddings[key] = self._encode_pass(window)
+        while len(self._embeddings) > self.cached_windows:
+            self._embeddings.popitem(last=False)
+        return self._embeddings[key]
 
     def _encode_pass(self, window: np.ndarray) -> list[torch.Tensor]:
         """One encoder pass (two with ``flip``) over a (h, w, 3) uint8 window."""
@@ -202,8 +202,7 @@ class BoxPromptedSegmenter:
         """Mask logits (n, 1, 4k, 4k) of n prompts (encoder pixels), prompt i on the embedding crop of side k
         starting at token ``starts[i]`` (ty, tx)."""
         point_prompt = None if points is None else (points[:, None, :], torch.ones(len(points), 1, device=self.device))
-        sparse, dense = self.sam.prompt_encoder(points=point_prompt, boxes=boxes, masks=mask_prompt)
-        dense = dense.expand(len(starts), -1, -1, -1)
+        sparse, dense = self.sam.prompt_encoder(points=point_prompt, boxes=boxes, masks=mask_prompt)  # dense: (n, ...)
 
         def cropped(maps: torch.Tensor) -> torch.Tensor:  # (1 or n, C, E, E) -> (n, C, k, k), row i at starts[i]
             return torch.stack([maps[i % len(maps), :, ty : ty + k, tx : tx + k] for i, (ty, tx) in enumerate(starts)])
