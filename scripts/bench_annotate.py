@@ -44,6 +44,10 @@ CONFIGS = {
     "default": DEFAULT,
     "default+onnxruntime": dict(encoder_runtime="onnxruntime"),  # annotate.json's default: the encoder on ONNX Runtime
     "default+int8": dict(encoder_runtime="onnxruntime", encoder_precision="int8"),  # its MatMul nodes int8
+    "default+int8+decoder": dict(encoder_runtime="onnxruntime", encoder_precision="int8",  # the decoder there too
+                                 decoder_runtime="onnxruntime"),
+    "default+int8+decoder_int8": dict(encoder_runtime="onnxruntime", encoder_precision="int8",
+                                      decoder_runtime="onnxruntime", decoder_precision="int8"),
     "zoom1+t-2": dict(zoom=1.0, threshold=-2.0),  # the defaults before tuning
     "t-3": dict(zoom=1.0, threshold=-3.0),
     "clip_margin2": dict(zoom=1.0, threshold=-2.0, clip_margin=2),

@@ -15,9 +15,11 @@ from scripts.networks import AllInSamNet, fuse_conv_bn_for_inference, load_litem
 
 # measured on the trained test model and on MoNuSeg test windows: max |logit difference| 3-4e-5
 LOGIT_TOLERANCE = 1e-3
-# int8 against float32: on the crops with the test model max |logit difference| 0.06, mask Dice 0.995, box annotation
-# Dice -0.0015; on MoNuSeg (docs/results/inference_runtime.md) |logit difference| up to 0.5 on nine windows of a test
-# image, mask Dice 0.987-0.994 on whole images, box annotation Dice -0.0008 (training) and -0.0019 (test images)
+# int8 against float32: on the crops with the test model max |logit difference| 0.06, mask Dice 0.995; box annotation
+# on the first test crop Dice -0.0015 (int8 encoder), -0.0018 (int8 encoder and decoder); on MoNuSeg
+# (docs/results/inference_runtime.md) |logit difference| up to 0.5 on nine windows of a test image, mask Dice
+# 0.987-0.994 on whole images, box annotation Dice -0.0008 (training) and -0.0019 (test images) with an int8 encoder,
+# -0.0010 and -0.0021 with the decoder int8 too
 INT8_LOGIT_TOLERANCE = 1.0
 INT8_MASK_DICE = 0.98
 INT8_BOX_DICE_CHANGE = 0.005
@@ -73,20 +75,25 @@ def test_a_vit_exports_and_the_adapter_recipe_warns_once_and_stays_on_torch(capl
     assert len(warnings) == 1 and "FFT" in warnings[0] and "torch" in warnings[0]
 
 
-def test_box_annotation_with_the_encoder_on_onnxruntime_gives_torchs_instances(sample_datalist):
-    """annotate.json's segmenter (fused LiteMedSAM, default options) on a real test crop with its true boxes."""
+@pytest.mark.parametrize("options", [{}, {"multimask": True, "refine": True}])
+def test_box_annotation_on_onnxruntime_gives_torchs_instances(sample_datalist, options):
+    """annotate.json's segmenter (fused LiteMedSAM) on a real test crop with its true boxes, the encoder and then also
+    the decoder (prompts and crop sides of every size in one exported graph) on ONNX Runtime in float32."""
     entry = sample_datalist["test"][0]
     image = read_rgb_image(SAMPLE_CROPS / entry["image"])
     boxes = read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
-    sam = fuse_conv_bn_for_inference(load_litemedsam())
-    eager, _ = BoxPromptedSegmenter(sam)(image, boxes)
-    fast, report = BoxPromptedSegmenter(sam, encoder_runtime="onnxruntime")(image, boxes)
-    assert report["prompts_used"] == len(boxes)
-    assert (fast == eager).mean() > 0.999  # the same ids on (nearly) every pixel: logits within 4e-5 of torch's
     truth = read_instance_map(SAMPLE_CROPS / entry["instances"])
-    assert abs(dice_iou(fast, truth)[0] - dice_iou(eager, truth)[0]) < 0.001
-    with pytest.raises(ValueError, match="encoder_runtime must be one of"):
-        BoxPromptedSegmenter(sam, encoder_runtime="int8")
+    sam = fuse_conv_bn_for_inference(load_litemedsam())
+    eager, _ = BoxPromptedSegmenter(sam, **options)(image, boxes)
+    for runtimes in ({"encoder_runtime": "onnxruntime"},
+                     {"encoder_runtime": "onnxruntime", "decoder_runtime": "onnxruntime"}):
+        fast, report = BoxPromptedSegmenter(sam, **options, **runtimes)(image, boxes)
+        assert report["prompts_used"] == len(boxes) and report["decoder_calls"] > 1
+        assert (fast == eager).mean() > 0.999  # the same ids on (nearly) every pixel: logits within 4e-5 of torch's
+        assert abs(dice_iou(fast, truth)[0] - dice_iou(eager, truth)[0]) < 0.001
+    for part in ("encoder", "decoder"):
+        with pytest.raises(ValueError, match=f"{part}_runtime must be one of"):
+            BoxPromptedSegmenter(sam, **{f"{part}_runtime": "int8"})
 
 
 def test_int8_stays_within_the_measured_tolerance_of_float32(trained_allinsam, crops):
@@ -104,19 +111,24 @@ def test_int8_stays_within_the_measured_tolerance_of_float32(trained_allinsam, c
     assert dice_iou((logits > 0).numpy(), (expected > 0).numpy())[0] > INT8_MASK_DICE
 
 
-def test_box_annotation_with_an_int8_encoder_keeps_the_float32_dice(sample_datalist):
+def test_box_annotation_in_int8_keeps_the_float32_dice(sample_datalist):
     entry = sample_datalist["test"][0]
     image = read_rgb_image(SAMPLE_CROPS / entry["image"])
     boxes = read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes
     truth = read_instance_map(SAMPLE_CROPS / entry["instances"])
     sam = fuse_conv_bn_for_inference(load_litemedsam())
     float32, _ = BoxPromptedSegmenter(sam, encoder_runtime="onnxruntime")(image, boxes)
-    segmenter = BoxPromptedSegmenter(sam, encoder_runtime="onnxruntime", encoder_precision="int8")
-    int8, report = segmenter(image, boxes)
-    assert segmenter.encoder.precision == "int8" and report["prompts_used"] == len(boxes)
-    assert abs(dice_iou(int8, truth)[0] - dice_iou(float32, truth)[0]) < INT8_BOX_DICE_CHANGE
-    with pytest.raises(ValueError, match="encoder_precision must be one of"):
-        BoxPromptedSegmenter(sam, encoder_precision="int8")  # int8 is ONNX Runtime's, the runtime here is torch
+    for int8_parts in (["encoder"], ["encoder", "decoder"]):  # annotate.json's default: both
+        options = {f"{part}_{option}": value for part in int8_parts
+                   for option, value in (("runtime", "onnxruntime"), ("precision", "int8"))}
+        segmenter = BoxPromptedSegmenter(sam, **options)
+        int8, report = segmenter(image, boxes)
+        assert report["prompts_used"] == len(boxes)
+        assert all(getattr(segmenter, part).precision == "int8" for part in int8_parts)
+        assert abs(dice_iou(int8, truth)[0] - dice_iou(float32, truth)[0]) < INT8_BOX_DICE_CHANGE
+    for part in ("encoder", "decoder"):  # int8 is ONNX Runtime's, the runtime here is torch
+        with pytest.raises(ValueError, match=f"{part}_precision must be one of"):
+            BoxPromptedSegmenter(sam, **{f"{part}_precision": "int8"})
 
 
 def test_bad_runtime_options_are_refused():

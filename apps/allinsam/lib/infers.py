@@ -140,8 +140,8 @@ class AllInSamBoxAnnotation(BasicInferTask):
     ``configs/annotate.json`` (its preprocessing and ``BoxPromptedSegmenter``, pretrained SAM, no training).
 
     Box i gets instance id i + 1; boxes partly outside the tile are clipped, boxes fully outside are skipped and
-    listed with the reason in ``result.report``. App conf: ``encoder_precision`` (``float32`` or ``int8``),
-    ``cached_windows`` (default ``APP_CACHED_WINDOWS``), ``backbone``, ``sam_checkpoint``.
+    listed with the reason in ``result.report``. App conf: ``encoder_precision`` and ``decoder_precision``
+    (``float32`` or ``int8``), ``cached_windows`` (default ``APP_CACHED_WINDOWS``), ``backbone``, ``sam_checkpoint``.
     """
 
     def __init__(self, path: str, conf: dict[str, str]):
@@ -149,7 +149,7 @@ class AllInSamBoxAnnotation(BasicInferTask):
         parser = ConfigParser()
         parser.read_config(os.path.join(path, "configs", "annotate.json"))
         parser["bundle_root"] = path
-        for key in ("backbone", "sam_checkpoint", "encoder_precision"):
+        for key in ("backbone", "sam_checkpoint", "encoder_precision", "decoder_precision"):
             if conf.get(key):
                 parser[key] = conf[key]
         parser["cached_windows"] = int(conf.get("cached_windows", APP_CACHED_WINDOWS))

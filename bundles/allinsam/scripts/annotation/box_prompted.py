@@ -75,12 +75,12 @@ def decode_crops(decoder: torch.nn.Module, embeddings: torch.Tensor, image_pe: t
     predictions (n, M) for embeddings, positional encodings and dense prompt embeddings (n, 256, k, k) and sparse
     prompt embeddings (n, T, 256). The decoder's own ``predict_masks`` repeats one image and one positional encoding
     for every prompt, which crops at different places cannot share; the steps are its own."""
-    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(len(sparse), -1, -1)
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(sparse.shape[0], -1, -1)
     hidden, image = decoder.transformer(embeddings + dense, image_pe, torch.cat([tokens, sparse], dim=1))
     upscaled = decoder.output_upscaling(image.transpose(1, 2).reshape(embeddings.shape))
     mask_tokens = hidden[:, 1 : 1 + decoder.num_mask_tokens]
     hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
-    masks = (hyper @ upscaled.flatten(2)).view(len(sparse), -1, *upscaled.shape[2:])
+    masks = (hyper @ upscaled.flatten(2)).view(upscaled.shape[0], -1, upscaled.shape[2], upscaled.shape[3])
     return masks, decoder.iou_prediction_head(hidden[:, 0])
 
 
@@ -113,9 +113,11 @@ class BoxPromptedSegmenter:
             with boxes only gets that square as its prompt instead of the point.
         device: where the network runs.
         encoder_runtime: ``torch``, or ``onnxruntime``: on the CPU the image encoder runs through ONNX Runtime
-            (exported once here; the prompt encoder and decoder stay on torch). Elsewhere torch.
+            (exported once here). Elsewhere torch.
         encoder_precision: ``float32``, or ``int8`` (ONNX Runtime's dynamic quantisation of the encoder's MatMul
             nodes, see ``OnnxRuntimeForward``; with ``encoder_runtime`` onnxruntime only).
+        decoder_runtime, decoder_precision: the same for the mask decoder (``decode_crops``, exported once with the
+            number of prompts and the crop side free); the prompt encoder stays on torch.
         cached_windows: how many windows' embeddings to keep, keyed by the window's pixels (least recently used
             dropped first; 4 MiB each for LiteMedSAM), so that new prompts on a tile seen before skip the encoder
             (the MONAI Label app); 0 keeps none.
@@ -125,21 +127,20 @@ class BoxPromptedSegmenter:
                  decoder_context: float | None = 32, threshold: float = -3.0, clip_margin: float | None = 0,
                  multimask: bool = False, refine: bool = False, flip: bool = False, point_box: float = 32,
                  device: str | torch.device = "cpu", encoder_runtime: str = "torch",
-                 encoder_precision: str = "float32", cached_windows: int = 0):
-        if encoder_runtime not in RUNTIME_CHOICES:
-            raise ValueError(f"encoder_runtime must be one of {RUNTIME_CHOICES}, got {encoder_runtime!r}")
-        int8_on_torch = encoder_precision == "int8" and encoder_runtime == "torch"
-        if encoder_precision not in ONNX_PRECISION_CHOICES or int8_on_torch:
-            raise ValueError(f"encoder_precision must be one of {ONNX_PRECISION_CHOICES} (int8 with encoder_runtime "
-                             f"onnxruntime), got {encoder_precision!r} with {encoder_runtime!r}")
+                 encoder_precision: str = "float32", decoder_runtime: str = "torch", decoder_precision: str = "float32",
+                 cached_windows: int = 0):
+        for part, runtime, precision in (("encoder", encoder_runtime, encoder_precision),
+                                         ("decoder", decoder_runtime, decoder_precision)):
+            if runtime not in RUNTIME_CHOICES:
+                raise ValueError(f"{part}_runtime must be one of {RUNTIME_CHOICES}, got {runtime!r}")
+            if precision not in ONNX_PRECISION_CHOICES or (precision == "int8" and runtime == "torch"):
+                raise ValueError(f"{part}_precision must be one of {ONNX_PRECISION_CHOICES} (int8 with {part}_runtime "
+                                 f"onnxruntime), got {precision!r} with {runtime!r}")
         self.sam = sam.to(device).eval()
         self.device = torch.device(device)
-        def encode(image: torch.Tensor) -> torch.Tensor:
-            return sam.image_encoder(sam.preprocess(image))
-
-        on_onnxruntime = encoder_runtime == "onnxruntime" and self.device.type == "cpu"
-        self.encoder = (OnnxRuntimeForward(encode, sam, sam.image_size, precision=encoder_precision) if on_onnxruntime
-                        else encode)
+        on_cpu = self.device.type == "cpu"
+        self.encoder = self._encoder(encoder_runtime == "onnxruntime" and on_cpu, encoder_precision)
+        self.decoder = self._decoder(decoder_runtime == "onnxruntime" and on_cpu, decoder_precision)
         self.window = round(sam.image_size / zoom)
         self.stride = stride or round(0.75 * self.window)
         self.scale = sam.image_size / self.window  # encoder pixels per image pixel
@@ -151,6 +152,36 @@ class BoxPromptedSegmenter:
         self.cached_windows = cached_windows
         self._embeddings: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()
         self.windows_reused = 0  # encoder passes saved by the cache so far
+
+    def _encoder(self, on_onnxruntime: bool, precision: str):
+        """(B, 3, S, S) float32 RGB in [0, 255] -> image embeddings (B, 256, E, E): torch, or an ONNX Runtime session
+        that does not spin between calls (torch runs the decoder side in between)."""
+        sam = self.sam
+
+        def encode(image: torch.Tensor) -> torch.Tensor:
+            return sam.image_encoder(sam.preprocess(image))
+
+        if not on_onnxruntime:
+            return encode
+        example = torch.zeros(1, 3, sam.image_size, sam.image_size)
+        return OnnxRuntimeForward(encode, sam, (example,), precision=precision, spinning=False)
+
+    def _decoder(self, on_onnxruntime: bool, precision: str):
+        """``decode_crops`` with SAM's mask decoder: torch, or an ONNX Runtime session with the number of prompts n,
+        the prompt tokens T and the crop side k free."""
+        decoder = self.sam.mask_decoder
+
+        def decode(embeddings, image_pe, sparse, dense) -> tuple[torch.Tensor, torch.Tensor]:
+            return decode_crops(decoder, embeddings, image_pe, sparse, dense)
+
+        if not on_onnxruntime:
+            return decode
+        crop = torch.zeros(2, decoder.transformer_dim, 4 * CROP_GRID, 4 * CROP_GRID)
+        examples = (crop, crop, torch.zeros(2, 2, decoder.transformer_dim), crop)
+        crop_axes = {0: "prompts", 2: "side", 3: "side"}
+        axes = {"input0": crop_axes, "input1": crop_axes, "input2": {0: "prompts", 1: "tokens"}, "input3": crop_axes,
+                "output0": {0: "prompts", 2: "mask_side", 3: "mask_side"}, "output1": {0: "prompts"}}
+        return OnnxRuntimeForward(decode, decoder, examples, dynamic_axes=axes, precision=precision, spinning=False)
 
     # --- encoder ---------------------------------------------------------------------------------------------------
 
@@ -207,8 +238,7 @@ class BoxPromptedSegmenter:
         def cropped(maps: torch.Tensor) -> torch.Tensor:  # (1 or n, C, E, E) -> (n, C, k, k), row i at starts[i]
             return torch.stack([maps[i % len(maps), :, ty : ty + k, tx : tx + k] for i, (ty, tx) in enumerate(starts)])
 
-        masks, iou = decode_crops(self.sam.mask_decoder, cropped(embedding), cropped(self.image_pe), sparse,
-                                  cropped(dense))
+        masks, iou = self.decoder(cropped(embedding), cropped(self.image_pe), sparse, cropped(dense))
         if not multimask:
             return masks[:, :1]
         masks, iou = masks[:, 1:], iou[:, 1:]

@@ -212,8 +212,9 @@ class AllInSamNet(nn.Module):
                            f"AllInSamNet(trainable={self.trainable}) infers on torch in float32")
         if self._onnx_forward is None and not self._onnx_failed:
             try:
-                self._onnx_forward = OnnxRuntimeForward(lambda image: self._forward(image, False), self,
-                                                        self.image_size, precision=self.inference_precision)
+                example = torch.zeros(1, 3, self.image_size, self.image_size)
+                self._onnx_forward = OnnxRuntimeForward(lambda image: self._forward(image, False), self, (example,),
+                                                        precision=self.inference_precision)
                 self._onnx_weights = self.weights_version()
             except Exception as error:  # any exporter or runtime failure: torch still runs the network
                 self._onnx_failed = True

@@ -21,55 +21,74 @@ class _Traced(nn.Module):
     """``forward`` of a plain callable, for the exporter (which traces an ``nn.Module``); ``owner``'s weights, which
     the callable reads, become the graph's initializers."""
 
-    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module):
+    def __init__(self, function: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], owner: nn.Module):
         super().__init__()
         self.function, self.owner = function, owner
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.function(image)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return self.function(*inputs)
 
 
 class OnnxRuntimeForward:
-    """``function`` (a (1, 3, S, S) float32 image -> one float32 tensor (1, ...): a forward pass of ``owner`` with its
-    current weights) exported once to ONNX in memory and run by an ONNX Runtime CPU session, one window at a time
-    (the trace fixes the batch of one: the prompt-free decoder loops over the batch in Python). Nothing is written
-    to disk.
+    """``function`` (float32 tensors -> one float32 tensor or a tuple of them: a forward pass of ``owner`` with its
+    current weights) exported once to ONNX in memory and run by an ONNX Runtime CPU session. Nothing is written to
+    disk.
+
+    Without ``dynamic_axes`` the trace fixes every shape to the examples' and the inputs' first axis must be 1 there:
+    a call with a batch of B runs the session B times (TinyViT's reshapes and the prompt-free decoder's loop over
+    the batch are traced with constant sizes). With ``dynamic_axes`` one call runs the whole batch.
 
     Args:
         function: the eval forward pass to export (traced: no Python branching on tensor values).
         owner: the module whose weights ``function`` reads.
-        image_size: S.
+        examples: one example per input, e.g. ``(torch.zeros(1, 3, S, S),)``.
+        dynamic_axes: per input name (``input0``, ``input1``, ...; outputs ``output0``, ...) the axes whose size may
+            change between calls, as ONNX's exporter takes them; None = every shape fixed.
         threads: ONNX Runtime's intra-op threads; None uses torch's current count.
-        precision: ``float32``, or ``int8``: every MatMul node (the linear layers and the attention products)
-            quantised dynamically, weights int8 per output channel, activations uint8 per call; inputs, outputs and
-            every other node stay float32.
+        precision: ``float32``, or ``int8``: every MatMul node with a weight (the linear layers and the attention
+            products) quantised dynamically, weights int8 per output channel, activations uint8 per call; inputs,
+            outputs and every other node stay float32.
+        spinning: whether the session's idle threads spin waiting for work: False where torch work runs between the
+            session's calls (the box annotator), whose cores the spinning threads would take.
     """
 
-    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, image_size: int,
-                 threads: int | None = None, precision: str = "float32"):
+    def __init__(self, function: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], owner: nn.Module,
+                 examples: tuple[torch.Tensor, ...], dynamic_axes: dict[str, dict[int, str]] | None = None,
+                 threads: int | None = None, precision: str = "float32", spinning: bool = True):
         import onnxruntime
 
         if precision not in ONNX_PRECISION_CHOICES:
             raise ValueError(f"ONNX Runtime precision must be one of {ONNX_PRECISION_CHOICES}, got {precision!r}")
+        self.input_names = [f"input{index}" for index in range(len(examples))]
         graph = io.BytesIO()
-        example = torch.zeros(1, 3, image_size, image_size)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            torch.onnx.export(_Traced(function, owner).eval(), (example,), graph, input_names=["image"],
-                              output_names=["output"], opset_version=17, dynamo=False)
+            outputs = function(*examples)
+            output_names = [f"output{index}" for index in range(len(outputs) if isinstance(outputs, tuple) else 1)]
+            torch.onnx.export(_Traced(function, owner).eval(), tuple(examples), graph, input_names=self.input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         model = graph.getvalue() if precision == "float32" else _quantised_int8(graph.getvalue())
         self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        self.image_size, self.precision = image_size, precision
+        self.one_at_a_time = not dynamic_axes
+        self.precision = precision
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) float32 CPU tensor -> ``function``'s output for each window, concatenated: (B, ...)."""
-        windows = image.detach().float().contiguous().numpy()
-        outputs = [self.session.run(None, {"image": windows[index:index + 1]})[0] for index in range(len(windows))]
-        return torch.from_numpy(np.concatenate(outputs))
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """CPU tensors, one per example -> ``function``'s output(s) as CPU float32 tensors."""
+        arrays = [tensor.detach().float().contiguous().numpy() for tensor in inputs]
+        if self.one_at_a_time:
+            feeds = [{name: array[row : row + 1] for name, array in zip(self.input_names, arrays)}
+                     for row in range(len(arrays[0]))]
+            runs = [self.session.run(None, feed) for feed in feeds]
+            outputs = [np.concatenate(parts) for parts in zip(*runs)]
+        else:
+            outputs = self.session.run(None, dict(zip(self.input_names, arrays)))
+        tensors = tuple(torch.from_numpy(output) for output in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
 
 
 def _quantised_int8(model: bytes) -> bytes:
