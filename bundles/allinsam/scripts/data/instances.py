@@ -1,8 +1,9 @@
 """Instance label maps (H, W), 0 = background, 1..N = one id per nucleus, and their tight boxes."""
 
 import numpy as np
+import shapely
 from scipy import ndimage
-from skimage.measure import approximate_polygon, find_contours
+from skimage.measure import find_contours
 from skimage.segmentation import relabel_sequential as _skimage_relabel
 
 # how a binary prediction becomes nuclei (post-processing of inference, the app, WSI and the metrics)
@@ -45,7 +46,10 @@ def instance_contours(instances: np.ndarray, tolerance: float = 0.5) -> dict[int
         crop = np.pad(instances[found] == index + 1, 1).astype(np.float32)
         # an iso-line just below 1 runs through the instance's own boundary pixels, 8-connected
         outer = max(find_contours(crop, 1.0 - 1e-3, fully_connected="high"), key=len)
-        outer = approximate_polygon(np.rint(outer), tolerance=tolerance)
+        outer = np.rint(outer)
+        if len(outer) > 2:  # Douglas-Peucker in GEOS: 65x faster than skimage's approximate_polygon (a Python loop)
+            outer = shapely.get_coordinates(shapely.simplify(shapely.linestrings(outer), tolerance,
+                                                             preserve_topology=False))
         contours[index + 1] = (outer[:, ::-1] + [cols.start - 1, rows.start - 1]).astype(int).tolist()
     return contours
 
