@@ -69,16 +69,16 @@ def _read_mask(folder: Path, image_path: str) -> np.ndarray:
 
 
 def _run(ckpt_path: str, paths: list[str], output: str, overlap: float, runtime: str, precision: str,
-         sw_batch_size: int) -> tuple[list[float], int, torch.nn.Module]:
+         sw_batch_size: int | None) -> tuple[list[float], int, torch.nn.Module]:
     """One inference workflow over ``paths``: (seconds per image, windows predicted, the network it loaded)."""
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer",
                               ckpt_path=ckpt_path, output_dir=output, sw_overlap=overlap,
-                              inference_precision=precision, inference_runtime=runtime,
-                              sw_batch_size=sw_batch_size, input_glob=None,
-                              data=[{"image": path} for path in paths])
+                              inference_precision=precision, inference_runtime=runtime, input_glob=None,
+                              data=[{"image": path} for path in paths],
+                              **({} if sw_batch_size is None else {"sw_batch_size": sw_batch_size}))
     workflow.initialize()
     network = workflow.parser.get_parsed_content("network")
     calls = []
@@ -101,11 +101,11 @@ REFERENCE = "torch/float32"
 
 
 def main(ckpt_path: str, images: str, overlaps: str | tuple = (0.0, 0.25),
-         settings: str | tuple = (REFERENCE, "onnxruntime/float32"), sw_batch_size: int = 1,
+         settings: str | tuple = (REFERENCE, "onnxruntime/float32"), sw_batch_size: int | None = None,
          reference: str = REFERENCE, labels: str | None = None) -> list[dict]:
     """``settings``: ``runtime/precision`` pairs of inference.json's ``inference_runtime`` and
     ``inference_precision``; ``reference`` is one of them and always runs first. ``labels``: the binary truth of
-    each image, a path with ``{stem}`` for the image's file stem."""
+    each image, a path with ``{stem}`` for the image's file stem. ``sw_batch_size``: None = inference.json's."""
     paths = sorted(path for pattern in images.split(",") for path in glob(pattern))
     if not paths:
         raise FileNotFoundError(f"no image matches {images}")

@@ -181,7 +181,8 @@ class BoxPromptedSegmenter:
         crop_axes = {0: "prompts", 2: "side", 3: "side"}
         axes = {"input0": crop_axes, "input1": crop_axes, "input2": {0: "prompts", 1: "tokens"}, "input3": crop_axes,
                 "output0": {0: "prompts", 2: "mask_side", 3: "mask_side"}, "output1": {0: "prompts"}}
-        return OnnxRuntimeForward(decode, decoder, examples, dynamic_axes=axes, precision=precision, spinning=False)
+        return OnnxRuntimeForward(decode, decoder, examples, dynamic_axes=axes, outputs=2, precision=precision,
+                                  spinning=False)
 
     # --- encoder ---------------------------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class OnnxRuntimeForward:
         examples: one example per input, e.g. ``(torch.zeros(1, 3, S, S),)``.
         dynamic_axes: per input name (``input0``, ``input1``, ...; outputs ``output0``, ...) the axes whose size may
             change between calls, as ONNX's exporter takes them; None = every shape fixed.
+        outputs: how many tensors ``function`` returns (a tuple when more than one).
         threads: ONNX Runtime's intra-op threads; None uses torch's current count.
         precision: ``float32``, or ``int8``: every MatMul node with a weight (the linear layers and the attention
             products) quantised dynamically, weights int8 per output channel, activations uint8 per call; inputs,
@@ -54,7 +55,7 @@ class OnnxRuntimeForward:
 
     def __init__(self, function: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], owner: nn.Module,
                  examples: tuple[torch.Tensor, ...], dynamic_axes: dict[str, dict[int, str]] | None = None,
-                 threads: int | None = None, precision: str = "float32", spinning: bool = True):
+                 outputs: int = 1, threads: int | None = None, precision: str = "float32", spinning: bool = True):
         import onnxruntime
 
         if precision not in ONNX_PRECISION_CHOICES:
@@ -63,10 +64,10 @@ class OnnxRuntimeForward:
         graph = io.BytesIO()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-            outputs = function(*examples)
-            output_names = [f"output{index}" for index in range(len(outputs) if isinstance(outputs, tuple) else 1)]
+            output_names = [f"output{index}" for index in range(outputs)]
             torch.onnx.export(_Traced(function, owner).eval(), tuple(examples), graph, input_names=self.input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
+        self.one_at_a_time = not dynamic_axes
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -74,7 +75,6 @@ class OnnxRuntimeForward:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         model = graph.getvalue() if precision == "float32" else _quantised_int8(graph.getvalue())
         self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        self.one_at_a_time = not dynamic_axes
         self.precision = precision
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
