@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -153,7 +154,7 @@ class BoxPromptedSegmenter:
         self._embeddings: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()
         self.windows_reused = 0  # encoder passes saved by the cache so far
 
-    def _encoder(self, on_onnxruntime: bool, precision: str):
+    def _encoder(self, on_onnxruntime: bool, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """(B, 3, S, S) float32 RGB in [0, 255] -> image embeddings (B, 256, E, E): torch, or an ONNX Runtime session
         that does not spin between calls (torch runs the decoder side in between)."""
         sam = self.sam
@@ -166,7 +167,7 @@ class BoxPromptedSegmenter:
         example = torch.zeros(1, 3, sam.image_size, sam.image_size)
         return OnnxRuntimeForward(encode, sam, (example,), precision=precision, spinning=False)
 
-    def _decoder(self, on_onnxruntime: bool, precision: str):
+    def _decoder(self, on_onnxruntime: bool, precision: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """``decode_crops`` with SAM's mask decoder: torch, or an ONNX Runtime session with the number of prompts n,
         the prompt tokens T and the crop side k free."""
         decoder = self.sam.mask_decoder

@@ -46,9 +46,9 @@ class OnnxRuntimeForward:
             change between calls, as ONNX's exporter takes them; None = every shape fixed.
         outputs: how many tensors ``function`` returns (a tuple when more than one).
         threads: ONNX Runtime's intra-op threads; None uses torch's current count.
-        precision: ``float32``, or ``int8``: every MatMul node with a weight (the linear layers and the attention
-            products) quantised dynamically, weights int8 per output channel, activations uint8 per call; inputs,
-            outputs and every other node stay float32.
+        precision: ``float32``, or ``int8``: every MatMul node with a constant weight (the linear layers) quantised
+            dynamically, weights int8 per output channel, activations uint8 per call; the attention products between
+            two activations, the inputs, the outputs and every other node stay float32.
         spinning: whether the session's idle threads spin waiting for work: False where torch work runs between the
             session's calls (the box annotator), whose cores the spinning threads would take.
     """
