@@ -8,6 +8,7 @@ encoding is cropped alike), and prompts whose crops have the same size go throug
 each with its own crop.
 """
 
+import functools
 import hashlib
 import logging
 import math
@@ -171,10 +172,7 @@ class BoxPromptedSegmenter:
         """``decode_crops`` with SAM's mask decoder: torch, or an ONNX Runtime session with the number of prompts n,
         the prompt tokens T and the crop side k free."""
         decoder = self.sam.mask_decoder
-
-        def decode(embeddings, image_pe, sparse, dense) -> tuple[torch.Tensor, torch.Tensor]:
-            return decode_crops(decoder, embeddings, image_pe, sparse, dense)
-
+        decode = functools.partial(decode_crops, decoder)
         if not on_onnxruntime:
             return decode
         crop = torch.zeros(2, decoder.transformer_dim, 4 * CROP_GRID, 4 * CROP_GRID)
