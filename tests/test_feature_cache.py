@@ -10,6 +10,7 @@ import torch
 from conftest import CONFIGS, SAMPLE_CROPS, bundle_workflow
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
+from monai.transforms import Compose
 from PIL import Image
 
 from scripts.data import read_rgb_image
@@ -36,15 +37,17 @@ def cache_workflow(tmp_path_factory):
     return workflow, root / "runs" / "feature_cache"
 
 
+def _loaded(workflow, item: dict) -> dict:
+    """``item`` read by the config's load and label transforms."""
+    parser = workflow.parser
+    return Compose(parser.get_parsed_content("load") + parser.get_parsed_content("label_transforms"))(dict(item))
+
+
 def _fresh_view(workflow, item: dict) -> dict:
     """The view of ``item`` computed without the cache: the config's load and view transforms, then the encoder."""
     parser = workflow.parser
-    load = parser.get_parsed_content("load") + parser.get_parsed_content("label_transforms")
     view = AugmentedViewd(parser.get_parsed_content("train#view_augmentation"), parser.get_parsed_content("seed"))
-    data = dict(item)
-    for transform in load:
-        data = transform(data)
-    return FrozenFeaturesd(parser.get_parsed_content("network"))(view(data))
+    return FrozenFeaturesd(parser.get_parsed_content("network"))(view(_loaded(workflow, item)))
 
 
 def test_cached_view_is_the_fresh_encoder_pass_and_is_reused(cache_workflow, monkeypatch):
@@ -85,12 +88,9 @@ def test_views_keep_the_label_on_the_nuclei_and_no_black_border(sample_datalist,
     """Zoom, free rotation and reflect padding move image and label together: every view's label is binary, covers
     the darker (haematoxylin) pixels, and no view has a black fill."""
     workflow = bundle_workflow([TRAIN], "train", view_augmentation_strength=strength)
-    load = workflow.parser.get_parsed_content("load")
     views = AugmentedViewd(workflow.parser.get_parsed_content("train#view_augmentation"), seed=0)
     for entry in sample_datalist["training"]:
-        data = {"image": str(SAMPLE_CROPS / entry["image"]), "label": str(SAMPLE_CROPS / entry["label"])}
-        for transform in load:
-            data = transform(data)
+        data = _loaded(workflow, {key: str(SAMPLE_CROPS / entry[key]) for key in ("image", "label")})
         for k in range(6):
             view = views({**data, "view": f"{entry['image']}#{k}"})
             image, label = torch.as_tensor(view["image"]), torch.as_tensor(view["label"])[0]
