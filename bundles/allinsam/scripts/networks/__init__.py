@@ -1,7 +1,6 @@
-from .allinsam_net import AllInSamNet, FeatureHead, recipe_of_checkpoint, refiner_of_checkpoint
+from .allinsam_net import AllInSamNet, FeatureHead, recipe_of_checkpoint
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .onnx_runtime import ONNX_PRECISION_CHOICES, RUNTIME_CHOICES, OnnxRuntimeForward
-from .pixel_refiner import PixelRefiner
 from .sam_adapter import (
     AdaptedTinyViTEncoder,
     AdaptedViTEncoder,
@@ -23,8 +22,6 @@ from .sam_backbones import (
 __all__ = [
     "read_network_weights",
     "recipe_of_checkpoint",
-    "refiner_of_checkpoint",
-    "PixelRefiner",
     "LITEMEDSAM_SHA256",
     "ONNX_PRECISION_CHOICES",
     "RUNTIME_CHOICES",

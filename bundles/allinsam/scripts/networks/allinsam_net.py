@@ -13,7 +13,6 @@ from torch import nn
 
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .onnx_runtime import RUNTIME_CHOICES, OnnxRuntimeForward
-from .pixel_refiner import REFINER_KEY, PixelRefiner
 from .sam_adapter import adapt_encoder
 from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam, read_network_weights
 
@@ -39,14 +38,6 @@ def recipe_of_checkpoint(ckpt_path: str | os.PathLike | None, default: str = "ta
     if ckpt_path is None or not Path(ckpt_path).is_file():
         return default
     return "adapter" if any(ADAPTER_KEY in key for key in read_network_weights(ckpt_path)) else default
-
-
-def refiner_of_checkpoint(ckpt_path: str | os.PathLike | None, default: bool = False) -> bool:
-    """The ``pixel_refinement`` to build for inference from ``ckpt_path``: whether it holds a ``PixelRefiner``;
-    ``default`` when there is no file yet (a bundle before training)."""
-    if ckpt_path is None or not Path(ckpt_path).is_file():
-        return default
-    return any(key.startswith(REFINER_KEY) for key in read_network_weights(ckpt_path))
 
 
 class AllInSamNet(nn.Module):
@@ -82,16 +73,13 @@ class AllInSamNet(nn.Module):
             per-class bias to the logits, set on the first training batch so that its mean logit is
             logit(``foreground_prior``): the pretrained decoder's prompt-free logits start near -20 (probability
             3e-9), far from any foreground share (the prior initialisation of RetinaNet's classifier, from data).
-        pixel_refinement: add a ``PixelRefiner``, which corrects the logits at full resolution from the image's
-            pixels (trained from zero; it starts as the identity). The forward pass then also needs the image when
-            it runs on cached features (``forward_features(features, pixels)``).
     """
 
     def __init__(self, backbone: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
                  pretrained: bool = True, image_size: int = 1024, trainable: str = "adapter", out_channels: int = 1,
                  freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None,
                  inference_precision: str = "float32", tail_stages: int = 1, foreground_prior: float | None = None,
-                 inference_runtime: str = "torch", pixel_refinement: bool = False):
+                 inference_runtime: str = "torch"):
         super().__init__()
         if foreground_prior is not None and not 0.0 < foreground_prior < 1.0:
             raise ValueError(f"foreground_prior must be None or in (0, 1), got {foreground_prior}")
@@ -133,10 +121,8 @@ class AllInSamNet(nn.Module):
         self.foreground_prior = foreground_prior
         self.logit_bias = nn.Parameter(torch.zeros(out_channels), requires_grad=foreground_prior is not None)
         self.register_buffer("logit_bias_set", torch.tensor(foreground_prior is None))
-        self.pixel_refiner = PixelRefiner(out_channels) if pixel_refinement else None
         trained, total = self.parameter_counts()
         recipe = f"trainable={trainable}" + (f", tail_stages={tail_stages}" if trainable == "tail" else "")
-        recipe += ", pixel_refinement" if pixel_refinement else ""
         logger.info(f"AllInSamNet({backbone}, {recipe}): {trained:,} of {total:,} parameters trainable")
 
     @property
@@ -162,11 +148,7 @@ class AllInSamNet(nn.Module):
             if own != given:
                 missing, unexpected = sorted(own - given), sorted(given - own)
                 adapters_given, adapters_here = any(ADAPTER_KEY in k for k in given), any(ADAPTER_KEY in k for k in own)
-                refiner_given = any(k.startswith(REFINER_KEY) for k in given)
-                if refiner_given != (self.pixel_refiner is not None):
-                    hint = (f"they {'hold' if refiner_given else 'hold no'} pixel refiner: build the network with "
-                            f"--pixel_refinement {refiner_given}")
-                elif adapters_given and not adapters_here:
+                if adapters_given and not adapters_here:
                     hint = "they hold SAM-Adapter prompt generators: build the network with --trainable adapter"
                 elif adapters_here and not adapters_given:
                     hint = "they hold no SAM-Adapter prompt generators: build it with --trainable tail"
@@ -243,9 +225,9 @@ class AllInSamNet(nn.Module):
 
     def _forward(self, image: torch.Tensor, return_features: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.cacheable:
-            return self.forward_features(self.frozen_features(image), image, return_features)
+            return self.forward_features(self.frozen_features(image), return_features)
         self._check_image(image)
-        return self._decoded(self.sam.image_encoder(self.sam.preprocess(image * 255.0)), image, return_features)
+        return self._decoded(self.sam.image_encoder(self.sam.preprocess(image * 255.0)), return_features)
 
     def frozen_features(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) RGB in [0, 1] -> the output of the frozen part (no gradient): for ``tail`` the tokens
@@ -260,30 +242,17 @@ class AllInSamNet(nn.Module):
                 return encoder_tail(self.sam.image_encoder, tokens, self.tail_stages)
             return tokens
 
-    def forward_features(self, features: torch.Tensor, pixels: torch.Tensor | None = None,
-                         return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``frozen_features`` output (cached or fresh) and, with a pixel refiner, the image (B, 3, S, S) in [0, 1]
-        they came from -> logits (B, C, S, S) (and E, as ``forward``)."""
-        return self._decoded(self._embed_features(features), pixels, return_features)
+    def forward_features(self, features: torch.Tensor, return_features: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``frozen_features`` output (cached or fresh) -> logits (B, C, S, S) (and E, as ``forward``)."""
+        return self._decoded(self._embed_features(features), return_features)
 
-    def _decoded(self, embeddings: torch.Tensor, pixels: torch.Tensor | None, return_features: bool
+    def _decoded(self, embeddings: torch.Tensor, return_features: bool
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if return_features:
-            logits, features = self.decode(embeddings, return_features=True)
-            features = _resized(features, self.image_size)
-        else:
-            logits = self.decode(embeddings)
-        logits = self._refined(_resized(logits, self.image_size), pixels)
-        return (logits, features) if return_features else logits
-
-    def _refined(self, logits: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
-        """(B, C, S, S) logits through the pixel refiner, if the network has one."""
-        if self.pixel_refiner is None:
-            return logits
-        if pixels is None:
-            raise ValueError("AllInSamNet(pixel_refinement=True) on cached features needs the image's pixels too: "
-                             "forward_features(features, pixels)")
-        return self.pixel_refiner(pixels.to(logits.dtype), logits)
+        if not return_features:
+            return _resized(self.decode(embeddings), self.image_size)
+        logits, features = self.decode(embeddings, return_features=True)
+        return _resized(logits, self.image_size), _resized(features, self.image_size)
 
     def _embed_features(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
@@ -331,9 +300,8 @@ class AllInSamNet(nn.Module):
 
 
 class FeatureHead(nn.Module):
-    """The trainable part of a cacheable ``AllInSamNet`` as a network of its own: ``frozen_features`` (and, with a
-    pixel refiner, the view's pixels) -> logits (B, C, S, S). What a trainer runs on cached features; it shares (and
-    saves as) the wrapped network's weights."""
+    """The trainable part of a cacheable ``AllInSamNet`` as a network of its own: ``frozen_features`` -> logits
+    (B, C, S, S). What a trainer runs on cached features; it shares (and saves as) the wrapped network's weights."""
 
     def __init__(self, network: AllInSamNet):
         super().__init__()
@@ -341,8 +309,8 @@ class FeatureHead(nn.Module):
             raise ValueError(f"trainable={network.trainable!r}: only 'tail' or 'decoder' train on cached features")
         self.network = network
 
-    def forward(self, features: torch.Tensor, pixels: torch.Tensor | None = None, return_features: bool = False):
-        return self.network.forward_features(features, pixels, return_features)
+    def forward(self, features: torch.Tensor, return_features: bool = False):
+        return self.network.forward_features(features, return_features)
 
 
 def _resized(maps: torch.Tensor, size: int) -> torch.Tensor:

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import torch
 from monai.data import CacheDataset, PersistentDataset
-from monai.engines import PrepareBatchExtraInput, default_prepare_batch
 from monai.transforms import Compose, SelectItemsd, Transform
 
 from ..networks import AllInSamNet, FeatureHead
 
 CACHE_FORMAT = "allinsam-view-features-1"  # bump when what a cache file holds changes
-PIXELS_KEY = "pixels"  # a cached view's image, kept beside its features for a network with a pixel refiner
 
 
 def view_datalist(entries: Sequence[dict], views: int) -> list[dict]:
@@ -52,19 +50,15 @@ class AugmentedViewd(Transform):
 
 class FrozenFeaturesd(Transform):
     """Replace ``key`` ((3, S, S) RGB in [0, 1]) by the network's ``frozen_features`` of it, stored as ``dtype``
-    (bfloat16 halves the disk; its rounding moves LiteMedSAM's logits by about 5e-3). With ``pixels_key`` the image
-    is kept there too (float16), for a network with a pixel refiner."""
+    (bfloat16 halves the disk; its rounding moves LiteMedSAM's logits by about 5e-3)."""
 
-    def __init__(self, network: AllInSamNet, key: str = "image", dtype: torch.dtype = torch.bfloat16,
-                 pixels_key: str | None = None):
-        self.network, self.key, self.dtype, self.pixels_key = network, key, dtype, pixels_key
+    def __init__(self, network: AllInSamNet, key: str = "image", dtype: torch.dtype = torch.bfloat16):
+        self.network, self.key, self.dtype = network, key, dtype
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         image = torch.as_tensor(d[self.key]).float()[None]
         device = next(self.network.parameters()).device
-        if self.pixels_key:
-            d[self.pixels_key] = image[0].to(torch.float16)
         d[self.key] = self.network.frozen_features(image.to(device))[0].to(self.dtype).cpu()
         return d
 
@@ -123,15 +117,11 @@ def feature_cache_dataset(entries: Sequence[dict], views: int, network: AllInSam
     if not network.cacheable:
         raise ValueError(f"trainable={network.trainable!r}: the whole encoder path is trained, nothing to cache")
     items = view_datalist(entries, views)
-    pixels = network.pixel_refiner is not None
-    recipe = {"load": [_describe(t) for t in load], "augmentation": [_describe(t) for t in augmentation], "seed": seed,
-              "pixels": pixels}
+    recipe = {"load": [_describe(t) for t in load], "augmentation": [_describe(t) for t in augmentation], "seed": seed}
     # only tensors and the view's name are stored: PersistentDataset reads with weights_only=True and silently
     # recomputes a file it cannot read (e.g. one holding CropForegroundd's numpy coordinates)
-    keys = ["image", "label", "view"] + ([PIXELS_KEY] if pixels else [])
-    transform = Compose(list(load) + [AugmentedViewd(augmentation, seed),
-                                      FrozenFeaturesd(network, pixels_key=PIXELS_KEY if pixels else None),
-                                      SelectItemsd(keys=keys)])
+    transform = Compose(list(load) + [AugmentedViewd(augmentation, seed), FrozenFeaturesd(network),
+                                      SelectItemsd(keys=["image", "label", "view"])])
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return PersistentDataset(items, transform, cache_dir=cache_dir,
                              hash_func=ViewCacheKey(network, recipe, ["image", *label_keys]))
@@ -172,12 +162,3 @@ def trainer_network(network) -> torch.nn.Module:
                              "training does not support yet: use --trainable adapter (multi_gpu_train.json's default)")
         return network
     return FeatureHead(network) if network.cacheable else network
-
-
-def trainer_batch(network):
-    """The trainer's ``prepare_batch``: (features, label, (pixels,)) on cached features with a pixel refiner (the view's
-    pixels go to ``FeatureHead`` too), else MONAI's default (input, label)."""
-    network = getattr(network, "module", network)
-    if network.cacheable and network.pixel_refiner is not None:
-        return PrepareBatchExtraInput(PIXELS_KEY)
-    return default_prepare_batch
