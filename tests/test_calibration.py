@@ -9,7 +9,13 @@ from conftest import BUNDLE, SAMPLE_CROPS, bundle_workflow
 from PIL import Image
 from scipy import ndimage
 
-from scripts.inference import UNCALIBRATED, calibrate, calibrated_postprocessing, calibration_path
+from scripts.inference import (
+    UNCALIBRATED,
+    calibrate,
+    calibrated_postprocessing,
+    calibration_path,
+    choose_postprocessing,
+)
 from scripts.networks.sam_backbones import sha256_of_file
 
 CONFIGS = BUNDLE / "configs"
@@ -43,6 +49,32 @@ def test_calibration_chooses_the_threshold_and_split_on_validation_images(tmp_pa
     (tmp_path / f"{name}_prob.png").unlink()
     with pytest.raises(FileNotFoundError, match=f"{name}_prob.png: missing"):
         calibrate(tmp_path, datalist, "validation", weights, record_file)
+
+
+def _ringed(nuclei: np.ndarray, ring_probability: float) -> np.ndarray:
+    """0.8 inside ``nuclei``, ``ring_probability`` on a 2-pixel ring around them, 0.1 elsewhere."""
+    ring = ndimage.binary_dilation(nuclei, iterations=2) & ~nuclei
+    return np.where(nuclei, 0.8, np.where(ring, ring_probability, 0.1))
+
+
+@pytest.mark.parametrize("ring_in_every_label", [True, False])
+def test_a_threshold_away_from_half_must_beat_it_beyond_the_spread_of_the_images(ring_in_every_label):
+    """The five real crops' nuclei with a ring of probability 0.3. Labels that all include the ring (as SAM's larger
+    masks would) make 0.3 better on every image: it is chosen. Labels that include it on three crops and not on two
+    make 0.3 the best mean by a margin the images disagree on: 0.5 (within one standard error) is kept."""
+    cases = []
+    for index, path in enumerate(sorted((SAMPLE_CROPS / "instances").glob("*.png"))):
+        nuclei = np.asarray(Image.open(path)) > 0
+        with_ring = ndimage.binary_dilation(nuclei, iterations=2)
+        label = with_ring if ring_in_every_label or index < 3 else nuclei
+        cases.append((_ringed(nuclei, 0.3), label.astype(np.uint16)))
+    chosen = choose_postprocessing(cases)
+    dice = chosen["dice_by_threshold"]
+    if ring_in_every_label:
+        assert chosen["threshold"] == chosen["best_dice_threshold"] == 0.3 and dice[0.3] == 1.0
+    else:
+        assert chosen["best_dice_threshold"] <= 0.3 and dice[0.3] > dice[0.5]
+        assert chosen["threshold"] == 0.5
 
 
 def test_a_calibration_of_other_weights_is_not_used(tmp_path):
