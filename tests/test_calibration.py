@@ -23,14 +23,19 @@ INFER, EVALUATE, CALIBRATE, WSI = (CONFIGS / name for name in ("inference.json",
                                                                 "wsi_inference.json"))
 
 
+def _ringed(nuclei: np.ndarray, ring_probability: float) -> np.ndarray:
+    """0.8 inside ``nuclei``, ``ring_probability`` on a 2-pixel ring around them, 0.1 elsewhere."""
+    ring = ndimage.binary_dilation(nuclei, iterations=2) & ~nuclei
+    return np.where(nuclei, 0.8, np.where(ring, ring_probability, 0.1))
+
+
 def test_calibration_chooses_the_threshold_and_split_on_validation_images(tmp_path):
     """A validation probability map of the real sample crop that is 0.8 inside its nuclei, 0.6 on a 2-pixel ring
     around them and 0.1 elsewhere: only thresholds in (0.6, 0.8] give back the nuclei exactly (Dice 1)."""
     datalist = SAMPLE_CROPS / "datalist.json"
     entry = json.loads(datalist.read_text())["validation"][0]
     nuclei = np.asarray(Image.open(SAMPLE_CROPS / entry["instances"])) > 0
-    ring = ndimage.binary_dilation(nuclei, iterations=2) & ~nuclei
-    probability = np.where(nuclei, 0.8, np.where(ring, 0.6, 0.1))
+    probability = _ringed(nuclei, 0.6)
     name = entry["image"].split("/")[-1][:-4]
     Image.fromarray(np.round(probability * 255).astype(np.uint8)).save(tmp_path / f"{name}_prob.png")
     weights = tmp_path / "model.pt"
@@ -49,12 +54,6 @@ def test_calibration_chooses_the_threshold_and_split_on_validation_images(tmp_pa
     (tmp_path / f"{name}_prob.png").unlink()
     with pytest.raises(FileNotFoundError, match=f"{name}_prob.png: missing"):
         calibrate(tmp_path, datalist, "validation", weights, record_file)
-
-
-def _ringed(nuclei: np.ndarray, ring_probability: float) -> np.ndarray:
-    """0.8 inside ``nuclei``, ``ring_probability`` on a 2-pixel ring around them, 0.1 elsewhere."""
-    ring = ndimage.binary_dilation(nuclei, iterations=2) & ~nuclei
-    return np.where(nuclei, 0.8, np.where(ring, ring_probability, 0.1))
 
 
 @pytest.mark.parametrize("ring_in_every_label", [True, False])
