@@ -48,6 +48,10 @@ CONFIGS = {
                                  decoder_runtime="onnxruntime"),
     "default+int8+decoder_int8": dict(encoder_runtime="onnxruntime", encoder_precision="int8",
                                       decoder_runtime="onnxruntime", decoder_precision="int8"),
+    "default+bf16+decoder_int8": dict(encoder_runtime="openvino", encoder_precision="bfloat16",  # OpenVINO encoder
+                                      decoder_runtime="onnxruntime", decoder_precision="int8"),
+    "default+bf16+decoder_bf16": dict(encoder_runtime="openvino", encoder_precision="bfloat16",
+                                      decoder_runtime="openvino", decoder_precision="bfloat16"),
     "zoom1+t-2": dict(zoom=1.0, threshold=-2.0),  # the defaults before tuning
     "t-3": dict(zoom=1.0, threshold=-3.0),
     "clip_margin2": dict(zoom=1.0, threshold=-2.0, clip_margin=2),

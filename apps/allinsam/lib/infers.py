@@ -141,7 +141,8 @@ class AllInSamBoxAnnotation(BasicInferTask):
 
     Box i gets instance id i + 1; boxes partly outside the tile are clipped, boxes fully outside are skipped and
     listed with the reason in ``result.report``. App conf: ``encoder_precision`` and ``decoder_precision``
-    (``float32`` or ``int8``), ``cached_windows`` (default ``APP_CACHED_WINDOWS``), ``backbone``, ``sam_checkpoint``.
+    (``float32``, ``int8`` or ``bfloat16``, each on the runtime that runs it), ``cached_windows`` (default
+    ``APP_CACHED_WINDOWS``), ``backbone``, ``sam_checkpoint``.
     """
 
     def __init__(self, path: str, conf: dict[str, str]):

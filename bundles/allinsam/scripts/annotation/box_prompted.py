@@ -25,7 +25,7 @@ from monai.data.utils import dense_patch_slices
 from tqdm import tqdm
 
 from ..data import check_entries, write_json_atomic, write_png_atomic
-from ..networks import ONNX_PRECISION_CHOICES, RUNTIME_CHOICES, OnnxRuntimeForward, SamBackbone
+from ..networks import SamBackbone, check_runtime, exported_forward
 from .prompts import read_prompts
 
 logger = logging.getLogger(__name__)
@@ -114,10 +114,10 @@ class BoxPromptedSegmenter:
         point_box: side in pixels of the square around a point prompt that its mask is cut to; a backbone trained
             with boxes only gets that square as its prompt instead of the point.
         device: where the network runs.
-        encoder_runtime: ``torch``, or ``onnxruntime``: on the CPU the image encoder runs through ONNX Runtime
-            (exported once here). Elsewhere torch.
-        encoder_precision: ``float32``, or ``int8`` (ONNX Runtime's dynamic quantisation of the encoder's MatMul
-            nodes, see ``OnnxRuntimeForward``; with ``encoder_runtime`` onnxruntime only).
+        encoder_runtime: ``torch``, ``onnxruntime`` or ``openvino``: on the CPU the image encoder runs through the
+            graph exported here once (``OnnxRuntimeForward``, ``OpenVinoForward``). Elsewhere torch.
+        encoder_precision: ``float32``; ``int8`` with onnxruntime (dynamic quantisation of the encoder's MatMul
+            nodes); ``bfloat16`` with openvino (native bfloat16 where the CPU has it, else float32).
         decoder_runtime, decoder_precision: the same for the mask decoder (``decode_crops``, exported once with the
             number of prompts and the crop side free); the prompt encoder stays on torch.
         cached_windows: how many windows' embeddings to keep, keyed by the window's pixels (least recently used
@@ -133,16 +133,12 @@ class BoxPromptedSegmenter:
                  cached_windows: int = 0):
         for part, runtime, precision in (("encoder", encoder_runtime, encoder_precision),
                                          ("decoder", decoder_runtime, decoder_precision)):
-            if runtime not in RUNTIME_CHOICES:
-                raise ValueError(f"{part}_runtime must be one of {RUNTIME_CHOICES}, got {runtime!r}")
-            if precision not in ONNX_PRECISION_CHOICES or (precision == "int8" and runtime == "torch"):
-                raise ValueError(f"{part}_precision must be one of {ONNX_PRECISION_CHOICES} (int8 with {part}_runtime "
-                                 f"onnxruntime), got {precision!r} with {runtime!r}")
+            check_runtime(part, runtime, precision)
         self.sam = sam.to(device).eval()
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
-        self.encoder = self._encoder(encoder_runtime == "onnxruntime" and on_cpu, encoder_precision)
-        self.decoder = self._decoder(decoder_runtime == "onnxruntime" and on_cpu, decoder_precision)
+        self.encoder = self._encoder(encoder_runtime if on_cpu else "torch", encoder_precision)
+        self.decoder = self._decoder(decoder_runtime if on_cpu else "torch", decoder_precision)
         self.window = round(sam.image_size / zoom)
         self.stride = stride or round(0.75 * self.window)
         self.scale = sam.image_size / self.window  # encoder pixels per image pixel
@@ -155,33 +151,33 @@ class BoxPromptedSegmenter:
         self._embeddings: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()
         self.windows_reused = 0  # encoder passes saved by the cache so far
 
-    def _encoder(self, on_onnxruntime: bool, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """(B, 3, S, S) float32 RGB in [0, 255] -> image embeddings (B, 256, E, E): torch, or an ONNX Runtime session
-        that does not spin between calls (torch runs the decoder side in between)."""
+    def _encoder(self, runtime: str, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(B, 3, S, S) float32 RGB in [0, 255] -> image embeddings (B, 256, E, E): torch, or an exported session
+        (ONNX Runtime's does not spin between calls: torch runs the decoder side in between)."""
         sam = self.sam
 
         def encode(image: torch.Tensor) -> torch.Tensor:
             return sam.image_encoder(sam.preprocess(image))
 
-        if not on_onnxruntime:
+        if runtime == "torch":
             return encode
         example = torch.zeros(1, 3, sam.image_size, sam.image_size)
-        return OnnxRuntimeForward(encode, sam, (example,), precision=precision, spinning=False)
+        return exported_forward(runtime, encode, sam, (example,), precision, spinning=False)
 
-    def _decoder(self, on_onnxruntime: bool, precision: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """``decode_crops`` with SAM's mask decoder: torch, or an ONNX Runtime session with the number of prompts n,
-        the prompt tokens T and the crop side k free."""
+    def _decoder(self, runtime: str, precision: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """``decode_crops`` with SAM's mask decoder: torch, or an exported session with the number of prompts n, the
+        prompt tokens T and the crop side k free."""
         decoder = self.sam.mask_decoder
         decode = functools.partial(decode_crops, decoder)
-        if not on_onnxruntime:
+        if runtime == "torch":
             return decode
         crop = torch.zeros(2, decoder.transformer_dim, 4 * CROP_GRID, 4 * CROP_GRID)
         examples = (crop, crop, torch.zeros(2, 2, decoder.transformer_dim), crop)
         crop_axes = {0: "prompts", 2: "side", 3: "side"}
         axes = {"input0": crop_axes, "input1": crop_axes, "input2": {0: "prompts", 1: "tokens"}, "input3": crop_axes,
                 "output0": {0: "prompts", 2: "mask_side", 3: "mask_side"}, "output1": {0: "prompts"}}
-        return OnnxRuntimeForward(decode, decoder, examples, dynamic_axes=axes, outputs=2, precision=precision,
-                                  spinning=False)
+        return exported_forward(runtime, decode, decoder, examples, precision, spinning=False, dynamic_axes=axes,
+                                outputs=2)
 
     # --- encoder ---------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,15 @@
-from .allinsam_net import AllInSamNet, FeatureHead, recipe_of_checkpoint
+from .allinsam_net import AllInSamNet, FeatureHead, fastest_precision, native_bfloat16, recipe_of_checkpoint
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
-from .onnx_runtime import ONNX_PRECISION_CHOICES, RUNTIME_CHOICES, OnnxRuntimeForward
+from .onnx_runtime import (
+    ONNX_PRECISION_CHOICES,
+    OPENVINO_PRECISION_CHOICES,
+    RUNTIME_CHOICES,
+    OnnxRuntimeForward,
+    OpenVinoForward,
+    check_runtime,
+    exported_forward,
+    runtime_of,
+)
 from .sam_adapter import (
     AdaptedTinyViTEncoder,
     AdaptedViTEncoder,
@@ -20,16 +29,23 @@ from .sam_backbones import (
 )
 
 __all__ = [
+    "native_bfloat16",
     "read_network_weights",
     "recipe_of_checkpoint",
     "LITEMEDSAM_SHA256",
     "ONNX_PRECISION_CHOICES",
+    "OPENVINO_PRECISION_CHOICES",
     "RUNTIME_CHOICES",
     "AdaptedTinyViTEncoder",
     "AdaptedViTEncoder",
     "AllInSamNet",
     "FeatureHead",
     "OnnxRuntimeForward",
+    "OpenVinoForward",
+    "check_runtime",
+    "exported_forward",
+    "fastest_precision",
+    "runtime_of",
     "PromptGenerator",
     "SamBackbone",
     "adapt_encoder",

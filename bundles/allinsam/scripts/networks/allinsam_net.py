@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
-from .onnx_runtime import RUNTIME_CHOICES, OnnxRuntimeForward
+from .onnx_runtime import OnnxRuntimeForward, OpenVinoForward, check_runtime, exported_forward
 from .sam_adapter import adapt_encoder
 from .sam_backbones import SamBackbone, build_sam_vit, load_litemedsam, load_sam, read_network_weights
 
@@ -29,6 +29,14 @@ def native_bfloat16(device: torch.device) -> bool:
     or newer). Elsewhere torch emulates them: on a 2-core AVX2 CPU a LiteMedSAM window took 15-61 s under bfloat16
     autocast (depending on the image) against 2.6 s in float32 (``docs/results/convergence_0.5pct.md`` section 12)."""
     return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fastest_precision(device: torch.device) -> str:
+    """The workflows' default numerics on ``device`` (their runtime: ``runtime_of``): ``bfloat16`` (OpenVINO) on a CPU
+    with native bfloat16, else ``int8`` (ONNX Runtime; on a GPU, where neither runs, float32 torch). Chosen on MoNuSeg
+    validation images: on 2 AVX-512 BF16 cores a 1000x1000 image took 10.8 s against 14.5 s in int8 (Dice against the
+    truth 0.7582 / 0.7586, float32 0.7575; ``docs/results/inference_runtime.md`` in the repository)."""
+    return "bfloat16" if device.type == "cpu" and native_bfloat16(device) else "int8"
 
 
 def recipe_of_checkpoint(ckpt_path: str | os.PathLike | None, default: str = "tail") -> str:
@@ -59,16 +67,17 @@ class AllInSamNet(nn.Module):
         out_channels: C, one binary mask per class, read from the decoder's first C mask tokens (at most 4).
         freq_rate: share of the spectrum's area removed as low frequencies for the handcrafted feature.
         scale_factor: adapter width = encoder width // scale_factor.
-        inference_precision: ``float32``, or ``bfloat16``: in eval mode the forward pass runs under bfloat16
-            autocast (about 2x faster on a CPU with AVX-512 BF16; emulated and 6-23x slower on one without, which
-            the first call warns about, see ``native_bfloat16``); logits come back as float32. ``int8``: with
-            ``inference_runtime`` onnxruntime only, the exported graph's MatMul nodes quantised dynamically
-            (``OnnxRuntimeForward``); where ONNX Runtime does not run (GPU, adapter recipes) the pass is float32 torch.
-            Training is float32.
-        inference_runtime: ``torch``, or ``onnxruntime``: in eval mode, forward passes on CPU tensors run through
-            ONNX Runtime (``OnnxRuntimeForward``, exported from the current weights at the first such call and again
-            whenever a weight has changed since, by loading or training; float32 or int8). The adapter recipes (FFT) and
-            any export that fails warn once and stay on torch. Features for MOCL always come from torch.
+        inference_precision: ``float32``, or ``bfloat16``: on torch, in eval mode the forward pass runs under
+            bfloat16 autocast (about 2x faster on a CPU with AVX-512 BF16; emulated and 6-23x slower on one without,
+            which the first call warns about, see ``native_bfloat16``); on OpenVINO, its bfloat16 hint (native
+            bfloat16 or float32). Logits come back as float32. ``int8``: with ``inference_runtime`` onnxruntime only,
+            the exported graph's MatMul nodes quantised dynamically (``OnnxRuntimeForward``). Where an exported
+            runtime does not run (GPU, adapter recipes) the pass is torch: int8 as float32. Training is float32.
+        inference_runtime: ``torch``, ``onnxruntime`` (float32 or int8) or ``openvino`` (float32 or bfloat16): in
+            eval mode, forward passes on CPU tensors run through the graph exported to ONNX (``OnnxRuntimeForward``,
+            ``OpenVinoForward``) from the current weights at the first such call and again whenever a weight has
+            changed since, by loading or training. The adapter recipes (FFT) and any export that fails warn once and
+            stay on torch. Features for MOCL always come from torch.
         foreground_prior: None keeps the decoder's own logits (the paper). A share in (0, 1) adds a trainable
             per-class bias to the logits, set on the first training batch so that its mean logit is
             logit(``foreground_prior``): the pretrained decoder's prompt-free logits start near -20 (probability
@@ -87,16 +96,9 @@ class AllInSamNet(nn.Module):
             raise ValueError(f"trainable must be one of {TRAINABLE_CHOICES}, got {trainable!r}")
         if inference_precision not in PRECISION_CHOICES:
             raise ValueError(f"inference_precision must be one of {PRECISION_CHOICES}, got {inference_precision!r}")
-        if inference_runtime not in RUNTIME_CHOICES:
-            raise ValueError(f"inference_runtime must be one of {RUNTIME_CHOICES}, got {inference_runtime!r}")
-        if inference_runtime == "onnxruntime" and inference_precision == "bfloat16":
-            raise ValueError("inference_runtime onnxruntime runs float32 or int8: it cannot run inference_precision "
-                             "'bfloat16' (use --inference_runtime torch for that)")
-        if inference_runtime == "torch" and inference_precision == "int8":
-            raise ValueError("inference_precision int8 is ONNX Runtime's quantisation: use --inference_runtime "
-                             "onnxruntime with it, or --inference_precision float32 with --inference_runtime torch")
+        check_runtime("inference", inference_runtime, inference_precision, torch_precisions=("float32", "bfloat16"))
         self.inference_runtime = inference_runtime
-        self._onnx_forward: OnnxRuntimeForward | None = None
+        self._onnx_forward: OnnxRuntimeForward | OpenVinoForward | None = None
         self._onnx_weights: tuple = ()  # weights_version() of the exported weights
         self._onnx_failed = False
         self.inference_precision = inference_precision
@@ -179,12 +181,12 @@ class AllInSamNet(nn.Module):
         (the upscaled image embedding the mask tokens are read from; D = 32 for every SAM here), for MOCL."""
         if self.training:
             return self._forward(image, return_features)
-        if self.inference_runtime == "onnxruntime" and not return_features and image.device.type == "cpu":
+        if self.inference_runtime != "torch" and not return_features and image.device.type == "cpu":
             runtime = self._onnx_runtime()
             if runtime is not None:
                 self._check_image(image)
                 return runtime(image)
-        if self.inference_precision != "bfloat16":  # int8 where ONNX Runtime cannot run: float32 torch
+        if self.inference_precision != "bfloat16":  # int8 where no exported graph runs: float32 torch
             return self._forward(image, return_features)
         if not self._precision_checked:
             self._precision_checked = True
@@ -201,26 +203,26 @@ class AllInSamNet(nn.Module):
         loaded, replaced or stepped by an optimizer (not when eval() rebuilds TinyViT's derived attention biases)."""
         return tuple((id(tensor), tensor._version) for tensor in self.state_dict(keep_vars=True).values())
 
-    def _onnx_runtime(self) -> OnnxRuntimeForward | None:
-        """The ONNX Runtime session of the current weights, exported on first use and again after any weight changed;
-        None (warned once) where the export fails."""
+    def _onnx_runtime(self) -> OnnxRuntimeForward | OpenVinoForward | None:
+        """The ``inference_runtime`` session of the current weights, exported on first use and again after any weight
+        changed; None (warned once) where the export fails."""
         if self._onnx_forward is not None and self._onnx_weights != self.weights_version():
             self._onnx_forward = None
         if self._onnx_forward is None and not self._onnx_failed and self.trainable in ("adapter", "full"):
             self._onnx_failed = True
-            logger.warning("inference_runtime onnxruntime: the SAM-Adapter's FFT feature has no ONNX operator, so "
-                           f"AllInSamNet(trainable={self.trainable}) infers on torch in float32")
+            logger.warning(f"inference_runtime {self.inference_runtime}: the SAM-Adapter's FFT feature has no ONNX "
+                           f"operator, so AllInSamNet(trainable={self.trainable}) infers on torch in float32")
         if self._onnx_forward is None and not self._onnx_failed:
             try:
                 example = torch.zeros(1, 3, self.image_size, self.image_size)
-                self._onnx_forward = OnnxRuntimeForward(lambda image: self._forward(image, False), self, (example,),
-                                                        precision=self.inference_precision)
+                self._onnx_forward = exported_forward(self.inference_runtime, lambda image: self._forward(image, False),
+                                                      self, (example,), self.inference_precision)
                 self._onnx_weights = self.weights_version()
             except Exception as error:  # any exporter or runtime failure: torch still runs the network
                 self._onnx_failed = True
-                logger.warning(f"inference_runtime onnxruntime: the export of AllInSamNet({self.backbone}, "
-                               f"trainable={self.trainable}) failed, so inference runs on torch in float32 "
-                               f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+                logger.warning(f"inference_runtime {self.inference_runtime}: the export of AllInSamNet("
+                               f"{self.backbone}, trainable={self.trainable}) failed, so inference runs on torch in "
+                               f"float32 ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
         return self._onnx_forward
 
     def _forward(self, image: torch.Tensor, return_features: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
