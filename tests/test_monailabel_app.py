@@ -173,15 +173,29 @@ def test_box_annotation_returns_the_sam_mask_of_each_box(server):
     assert result["report"]["windows_reused"] == 1 and result["report"]["windows_encoded"] == 0
 
 
+@pytest.fixture
+def app_infers(server, monkeypatch):
+    """The app's ``lib.infers`` imported in this process. It imports the bundle copy's ``scripts`` package in place of
+    the repository's; the ``scripts`` and ``lib`` modules are put back afterwards, for the tests that follow."""
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in ("scripts", "lib")
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    monkeypatch.syspath_prepend(str(server.root / "app"))
+    from lib import infers
+
+    yield infers
+    for name in [name for name in sys.modules if ours(name)]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
 @pytest.mark.parametrize("precision, runtime", [("float32", "onnxruntime"), ("int8", "onnxruntime"),
                                                 ("bfloat16", "openvino")])
-def test_every_numerics_option_runs_through_the_app(server, monkeypatch, precision, runtime):
+def test_every_numerics_option_runs_through_the_app(server, app_infers, precision, runtime):
     """App conf ``inference_precision`` and ``encoder_precision`` / ``decoder_precision`` build the bundle's networks
     on the runtime that runs those numerics, and both segment the real test crop."""
-    monkeypatch.syspath_prepend(str(server.root / "app"))
-    from lib.infers import AllInSamBoxAnnotation, AllInSamSegmentation
-
-    segmentation = AllInSamSegmentation(str(server.bundle), {"inference_precision": precision})
+    segmentation = app_infers.AllInSamSegmentation(str(server.bundle), {"inference_precision": precision})
     network = segmentation.bundle_config.get_parsed_content("network").eval()
     image = read_rgb_image(SAMPLE_CROPS / "images" / f"{TEST_CROP}.png")
     with torch.no_grad():
@@ -189,8 +203,8 @@ def test_every_numerics_option_runs_through_the_app(server, monkeypatch, precisi
     assert logits.shape == (1, 1, 256, 256) and torch.isfinite(logits).all()
     assert (network.inference_runtime, network._onnx_forward.precision) == (runtime, precision)
     boxes = _boxes(TEST_CROP)
-    annotation = AllInSamBoxAnnotation(str(server.bundle), {"encoder_precision": precision,
-                                                            "decoder_precision": precision})
+    annotation = app_infers.AllInSamBoxAnnotation(str(server.bundle), {"encoder_precision": precision,
+                                                                       "decoder_precision": precision})
     instances, report = annotation.segmenter(image, np.asarray(boxes, dtype=np.float64))
     assert annotation.segmenter.encoder.precision == annotation.segmenter.decoder.precision == precision
     assert report["prompts_used"] == len(boxes) and len(np.unique(instances[instances > 0])) >= 0.9 * len(boxes)
