@@ -201,7 +201,7 @@ def test_every_numerics_option_runs_through_the_app(server, app_infers, precisio
     with torch.no_grad():
         logits = network(torch.as_tensor(image[:256, :256]).permute(2, 0, 1)[None].float() / 255)
     assert logits.shape == (1, 1, 256, 256) and torch.isfinite(logits).all()
-    assert (network.inference_runtime, network._onnx_forward.precision) == (runtime, precision)
+    assert (network.inference_runtime, network._exported.precision) == (runtime, precision)
     boxes = _boxes(TEST_CROP)
     annotation = app_infers.AllInSamBoxAnnotation(str(server.bundle), {"encoder_precision": precision,
                                                                        "decoder_precision": precision})

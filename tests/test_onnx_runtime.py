@@ -57,18 +57,18 @@ def test_onnxruntime_gives_torchs_logits_and_follows_new_weights(trained_allinsa
         reference.load_state_dict(weights)
         network.load_state_dict(weights)
         expected, logits = _logits(reference, crops), _logits(network, crops)
-        assert network._onnx_forward is not None  # it ran ONNX Runtime, exported from these weights
+        assert network._exported is not None  # it ran ONNX Runtime, exported from these weights
         assert logits.shape == expected.shape == (2, 1, 256, 256) and logits.dtype == torch.float32
         assert (logits - expected).abs().max() < LOGIT_TOLERANCE
         decided = (expected.abs() > LOGIT_TOLERANCE)  # pixels the tolerance cannot move across 0
         assert torch.equal((logits > 0)[decided], (expected > 0)[decided])
     assert (expected > 0).float().mean() < 0.01  # the second pass used the new weights: the pretrained start
-    session = network._onnx_forward
-    assert torch.equal(_logits(network, crops), logits) and network._onnx_forward is session  # weights unchanged
+    session = network._exported
+    assert torch.equal(_logits(network, crops), logits) and network._exported is session  # weights unchanged
     with torch.no_grad():
         network.logit_bias.add_(5.0)  # an in-place change, as an optimizer step makes
     assert (_logits(network, crops) - (logits + 5.0)).abs().max() < LOGIT_TOLERANCE
-    assert network._onnx_forward is not session
+    assert network._exported is not session
     with torch.no_grad():
         reference.logit_bias.add_(5.0)
         assert torch.equal(network.train()(crops), reference.train()(crops))  # training always runs torch
@@ -83,12 +83,12 @@ def test_a_vit_exports_and_the_adapter_recipe_warns_once_and_stays_on_torch(capl
     reference = AllInSamNet("vit_b", pretrained=False, image_size=64, trainable="decoder")
     reference.load_state_dict(vit.state_dict())
     assert (_logits(vit, image) - _logits(reference, image)).abs().max() < LOGIT_TOLERANCE
-    assert vit._onnx_forward is not None
+    assert vit._exported is not None
     adapter = AllInSamNet("vit_b", pretrained=False, image_size=64, trainable="adapter",
                           inference_runtime="onnxruntime")
     with caplog.at_level("WARNING"):
         first, second = _logits(adapter, image), _logits(adapter, image)
-    assert torch.equal(first, second) and adapter._onnx_forward is None
+    assert torch.equal(first, second) and adapter._exported is None
     warnings = [record.getMessage() for record in caplog.records if "inference_runtime" in record.getMessage()]
     assert len(warnings) == 1 and "FFT" in warnings[0] and "torch" in warnings[0]
 
@@ -119,7 +119,7 @@ def test_int8_stays_within_the_measured_tolerance_of_float32(trained_allinsam, c
     for network in (float32, int8):
         network.load_state_dict(weights)
     expected, logits = _logits(float32, crops), _logits(int8, crops)
-    assert int8._onnx_forward.precision == "int8" and logits.dtype == torch.float32
+    assert int8._exported.precision == "int8" and logits.dtype == torch.float32
     error = (logits - expected).abs().max()
     assert LOGIT_TOLERANCE < error < INT8_LOGIT_TOLERANCE
     assert dice_iou((logits > 0).numpy(), (expected > 0).numpy())[0] > INT8_MASK_DICE_NEAR_THRESHOLD
@@ -150,7 +150,7 @@ def test_openvino_gives_torchs_logits_in_float32_and_keeps_the_masks_in_bfloat16
         network = AllInSamNet(trainable="tail", inference_runtime=runtime, inference_precision=precision)
         network.load_state_dict(weights)
         logits[runtime, precision] = _logits(network, crops)
-        assert (network._onnx_forward is not None) == (runtime == "openvino")
+        assert (network._exported is not None) == (runtime == "openvino")
     expected = logits["torch", "float32"]
     assert (logits["openvino", "float32"] - expected).abs().max() < LOGIT_TOLERANCE
     bfloat16 = logits["openvino", "bfloat16"]
@@ -198,9 +198,9 @@ def test_inference_json_runs_the_fastest_numerics_by_default_and_every_numerics_
         if name == "default":
             fastest = ("openvino", "bfloat16") if native_bfloat16(torch.device("cpu")) else ("onnxruntime", "int8")
             assert (network.inference_runtime, network.inference_precision) == fastest
-            assert network._onnx_forward.precision == fastest[1]
+            assert network._exported.precision == fastest[1]
         else:
-            assert (network._onnx_forward is not None) == (name == "float32")
+            assert (network._exported is not None) == (name == "float32")
     eager = outputs["torch"]
     assert np.abs(outputs["float32"]["prob"] - eager["prob"]).max() <= 1  # one grey level of the probability map
     assert (outputs["float32"]["mask"] == eager["mask"]).mean() > 0.9999

@@ -98,9 +98,9 @@ class AllInSamNet(nn.Module):
             raise ValueError(f"inference_precision must be one of {PRECISION_CHOICES}, got {inference_precision!r}")
         check_runtime("inference", inference_runtime, inference_precision, torch_precisions=("float32", "bfloat16"))
         self.inference_runtime = inference_runtime
-        self._onnx_forward: OnnxRuntimeForward | OpenVinoForward | None = None
-        self._onnx_weights: tuple = ()  # weights_version() of the exported weights
-        self._onnx_failed = False
+        self._exported: OnnxRuntimeForward | OpenVinoForward | None = None
+        self._exported_weights: tuple = ()  # weights_version() of the exported weights
+        self._export_failed = False
         self.inference_precision = inference_precision
         self._precision_checked = False
         sam = _build_backbone(backbone, checkpoint, pretrained, image_size, checkpoint_sha256)
@@ -182,7 +182,7 @@ class AllInSamNet(nn.Module):
         if self.training:
             return self._forward(image, return_features)
         if self.inference_runtime != "torch" and not return_features and image.device.type == "cpu":
-            runtime = self._onnx_runtime()
+            runtime = self._exported_runtime()
             if runtime is not None:
                 self._check_image(image)
                 return runtime(image)
@@ -203,27 +203,27 @@ class AllInSamNet(nn.Module):
         loaded, replaced or stepped by an optimizer (not when eval() rebuilds TinyViT's derived attention biases)."""
         return tuple((id(tensor), tensor._version) for tensor in self.state_dict(keep_vars=True).values())
 
-    def _onnx_runtime(self) -> OnnxRuntimeForward | OpenVinoForward | None:
+    def _exported_runtime(self) -> OnnxRuntimeForward | OpenVinoForward | None:
         """The ``inference_runtime`` session of the current weights, exported on first use and again after any weight
         changed; None (warned once) where the export fails."""
-        if self._onnx_forward is not None and self._onnx_weights != self.weights_version():
-            self._onnx_forward = None
-        if self._onnx_forward is None and not self._onnx_failed and self.trainable in ("adapter", "full"):
-            self._onnx_failed = True
+        if self._exported is not None and self._exported_weights != self.weights_version():
+            self._exported = None
+        if self._exported is None and not self._export_failed and self.trainable in ("adapter", "full"):
+            self._export_failed = True
             logger.warning(f"inference_runtime {self.inference_runtime}: the SAM-Adapter's FFT feature has no ONNX "
                            f"operator, so AllInSamNet(trainable={self.trainable}) infers on torch in float32")
-        if self._onnx_forward is None and not self._onnx_failed:
+        if self._exported is None and not self._export_failed:
             try:
                 example = torch.zeros(1, 3, self.image_size, self.image_size)
-                self._onnx_forward = exported_forward(self.inference_runtime, lambda image: self._forward(image, False),
-                                                      self, (example,), self.inference_precision)
-                self._onnx_weights = self.weights_version()
+                self._exported = exported_forward(self.inference_runtime, lambda image: self._forward(image, False),
+                                                  self, (example,), self.inference_precision)
+                self._exported_weights = self.weights_version()
             except Exception as error:  # any exporter or runtime failure: torch still runs the network
-                self._onnx_failed = True
+                self._export_failed = True
                 logger.warning(f"inference_runtime {self.inference_runtime}: the export of AllInSamNet("
                                f"{self.backbone}, trainable={self.trainable}) failed, so inference runs on torch in "
                                f"float32 ({type(error).__name__}: {str(error).splitlines()[0][:200]})")
-        return self._onnx_forward
+        return self._exported
 
     def _forward(self, image: torch.Tensor, return_features: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.cacheable:
