@@ -14,19 +14,24 @@ from monai.transforms import Compose
 from PIL import Image
 
 from scripts.data import read_rgb_image
-from scripts.networks import AllInSamNet
+from scripts.losses import DiceBCELoss
+from scripts.networks import AllInSamNet, native_bfloat16
 from scripts.training import (
     AugmentedViewd,
+    Autocast,
     FrozenFeaturesd,
     TrainingBudget,
     ValidateAtTheEnd,
     ViewCacheKey,
     parameter_groups,
+    trainer_network,
     view_datalist,
 )
 
 TRAIN = CONFIGS / "train.json"
 FLOOR_AFTER_24_STEPS = 0.45  # measured 0.681 (seed 0) and 0.730 (seed 1), 2 CPU cores
+TRAIN_BF16_LOSS_TOLERANCE = 0.01  # relative; measured 0.0023 (2 AVX-512 BF16 cores)
+TRAIN_BF16_GRADIENT_COSINE = 0.98  # measured 0.996
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +168,37 @@ def test_tail_network_gives_the_same_logits_from_cached_features(tail_stages):
     trained = {name.split(".")[3] for name, p in network.named_parameters()
                if p.requires_grad and name.startswith("sam.image_encoder.layers.")}
     assert trained == {str(3 - k) for k in range(tail_stages)}  # the last stages, no other
+
+
+def test_bfloat16_training_step_stays_close_to_float32(crops, sample_datalist):
+    """One step of the default recipe on the real training crops' cached features: under bfloat16 autocast the trainer's
+    network returns float32 logits, and the loss and the gradients stay near float32's (measured on 2 AVX-512 BF16
+    cores: the constants' comments); the weights stay float32."""
+    if not native_bfloat16(torch.device("cpu")):
+        pytest.skip("this CPU emulates bfloat16 (several times slower than float32): train_precision stays float32")
+    torch.manual_seed(0)
+    network = AllInSamNet(trainable="tail", tail_stages=2).train()
+    features = network.frozen_features(crops)
+    labels = torch.stack([torch.as_tensor(np.asarray(Image.open(SAMPLE_CROPS / entry["label"])) > 0)
+                          for entry in sample_datalist["training"]])[:, None].float()
+    loss_function = DiceBCELoss(jaccard=True)
+    losses, gradients = {}, {}
+    for precision in ("float32", "bfloat16"):
+        network.zero_grad()
+        logits = trainer_network(network, precision)(features)
+        assert logits.dtype == torch.float32
+        losses[precision] = loss_function(logits, labels)
+        losses[precision].backward()
+        gradients[precision] = torch.cat([p.grad.flatten() for p in network.parameters() if p.grad is not None])
+    assert isinstance(trainer_network(network, "bfloat16"), Autocast)
+    assert all(p.dtype == torch.float32 for p in network.parameters())
+    assert losses["bfloat16"].item() == pytest.approx(losses["float32"].item(), rel=TRAIN_BF16_LOSS_TOLERANCE)
+    cosine = torch.nn.functional.cosine_similarity(gradients["bfloat16"], gradients["float32"], dim=0).item()
+    print(f"bfloat16 step: loss {losses['bfloat16'].item():.5f} vs {losses['float32'].item():.5f}, "
+          f"gradient cosine {cosine:.5f}")
+    assert cosine > TRAIN_BF16_GRADIENT_COSINE
+    with pytest.raises(ValueError, match="train_precision"):
+        trainer_network(network, "float16")
 
 
 def _run(seconds_per_iteration: float, budget: TrainingBudget) -> tuple[list[float], list[int]]:

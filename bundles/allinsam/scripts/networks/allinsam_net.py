@@ -72,7 +72,8 @@ class AllInSamNet(nn.Module):
             which the first call warns about, see ``native_bfloat16``); on OpenVINO, its bfloat16 hint (native
             bfloat16 or float32). Logits come back as float32. ``int8``: with ``inference_runtime`` onnxruntime only,
             the exported graph's MatMul nodes quantised dynamically (``OnnxRuntimeForward``). Where an exported
-            runtime does not run (GPU, adapter recipes) the pass is torch: int8 as float32. Training is float32.
+            runtime does not run (GPU, adapter recipes) the pass is torch: int8 as float32. Training's numerics are
+            its own (train.json's ``train_precision``, ``scripts.training.Autocast``).
         inference_runtime: ``torch``, ``onnxruntime`` (float32 or int8) or ``openvino`` (float32 or bfloat16): in
             eval mode, forward passes on CPU tensors run through the graph exported to ONNX (``OnnxRuntimeForward``,
             ``OpenVinoForward``) from the current weights at the first such call and again whenever a weight has

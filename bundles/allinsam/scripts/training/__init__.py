@@ -20,8 +20,12 @@ from .feature_cache import (
     view_datalist,
 )
 from .parameter_groups import parameter_groups
+from .precision import TRAIN_PRECISION_CHOICES, Autocast, fastest_train_precision
 
 __all__ = [
+    "TRAIN_PRECISION_CHOICES",
+    "Autocast",
+    "fastest_train_precision",
     "handlers_of_rank",
     "AugmentedViewd",
     "FrozenFeaturesd",

@@ -20,6 +20,7 @@ from monai.data import CacheDataset, PersistentDataset
 from monai.transforms import Compose, SelectItemsd, Transform
 
 from ..networks import AllInSamNet, FeatureHead
+from .precision import TRAIN_PRECISION_CHOICES, Autocast
 
 CACHE_FORMAT = "allinsam-view-features-1"  # bump when what a cache file holds changes
 
@@ -154,11 +155,16 @@ def training_dataset(data: Sequence[dict], network, load: Sequence, augmentation
                         progress=False)
 
 
-def trainer_network(network) -> torch.nn.Module:
-    """What the trainer runs on a batch: ``FeatureHead`` on cached features, else the network on images."""
+def trainer_network(network, precision: str = "float32") -> torch.nn.Module:
+    """What the trainer runs on a batch: ``FeatureHead`` on cached features, else the network on images; under
+    bfloat16 autocast when ``precision`` is ``bfloat16``."""
+    if precision not in TRAIN_PRECISION_CHOICES:
+        raise ValueError(f"train_precision must be one of {TRAIN_PRECISION_CHOICES}, got {precision!r}")
     if isinstance(network, torch.nn.parallel.DistributedDataParallel):
         if network.module.cacheable:
             raise ValueError(f"trainable={network.module.trainable!r} trains on cached features, which multi-GPU "
                              "training does not support yet: use --trainable adapter (multi_gpu_train.json's default)")
-        return network
-    return FeatureHead(network) if network.cacheable else network
+        model = network
+    else:
+        model = FeatureHead(network) if network.cacheable else network
+    return Autocast(model, torch.bfloat16) if precision == "bfloat16" else model
