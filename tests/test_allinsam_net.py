@@ -191,6 +191,18 @@ def test_inference_builds_the_recipe_the_checkpoint_was_trained_with(tmp_path):
     assert (tmp_path / "out" / "TCGA-2Z-A9J9-01A-01-TS1_y300_x300_mask.png").is_file()
 
 
+def test_default_numerics_take_the_device_as_a_string_or_a_torch_device():
+    """The MONAI Label app passes its device as a string; the defaults must not depend on how it is spelt."""
+    from scripts.networks import fastest_precision, native_bfloat16
+    from scripts.training import fastest_train_precision
+
+    cpu_bfloat16 = native_bfloat16(torch.device("cpu"))
+    for device in ("cpu", torch.device("cpu")):
+        assert fastest_precision(device) == ("bfloat16" if cpu_bfloat16 else "int8")
+        assert fastest_train_precision(device) == ("bfloat16" if cpu_bfloat16 else "float32")
+    assert fastest_precision("cuda") == "int8" and fastest_train_precision("cuda") == "float32"
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_on_a_cpu_that_emulates_it_warns_once(monkeypatch, caplog, native):
     """A CPU without native bfloat16 (this project's AVX2 machine: 15-61 s a LiteMedSAM window, 2.6 s in float32)
