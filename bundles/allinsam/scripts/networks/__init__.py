@@ -1,4 +1,11 @@
-from .allinsam_net import AllInSamNet, FeatureHead, fastest_precision, native_bfloat16, recipe_of_checkpoint
+from .allinsam_net import (
+    AllInSamNet,
+    FeatureHead,
+    bfloat16_cpu,
+    fastest_precision,
+    native_bfloat16,
+    recipe_of_checkpoint,
+)
 from .encoder_tail import encoder_prefix, encoder_tail, tail_modules
 from .onnx_runtime import (
     ONNX_PRECISION_CHOICES,
@@ -44,6 +51,7 @@ __all__ = [
     "OpenVinoForward",
     "check_runtime",
     "exported_forward",
+    "bfloat16_cpu",
     "fastest_precision",
     "runtime_of",
     "PromptGenerator",

@@ -31,13 +31,19 @@ def native_bfloat16(device: torch.device) -> bool:
     return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def bfloat16_cpu(device: torch.device | str) -> bool:
+    """Whether ``device`` (a ``torch.device`` or its name, as the MONAI Label app passes it) is a CPU with native
+    bfloat16: where the CPU defaults of inference and training choose bfloat16."""
+    device = torch.device(device)
+    return device.type == "cpu" and native_bfloat16(device)
+
+
 def fastest_precision(device: torch.device | str) -> str:
     """The workflows' default numerics on ``device`` (their runtime: ``runtime_of``): ``bfloat16`` (OpenVINO) on a CPU
     with native bfloat16, else ``int8`` (ONNX Runtime; on a GPU, where neither runs, float32 torch). Chosen on MoNuSeg
     validation images: on 2 AVX-512 BF16 cores a 1000x1000 image took 10.8 s against 14.5 s in int8 (Dice against the
     truth 0.7582 / 0.7586, float32 0.7575; ``docs/results/inference_runtime.md`` in the repository)."""
-    device = torch.device(device)  # a config or the MONAI Label app may give the device as a string
-    return "bfloat16" if device.type == "cpu" and native_bfloat16(device) else "int8"
+    return "bfloat16" if bfloat16_cpu(device) else "int8"
 
 
 def recipe_of_checkpoint(ckpt_path: str | os.PathLike | None, default: str = "tail") -> str:
