@@ -1,5 +1,6 @@
-"""Bundle zips as the model zoo makes them, loaded back with ``python -m monai.bundle download``: same inference as
-the source tree, weights checked by SHA-256, byte-identical rebuilds, unsafe zips and bad bundles refused."""
+"""Bundle zips as the model zoo makes them, loaded back with MONAI's ``download`` (what ``python -m monai.bundle
+download`` runs): the unpacked bundle infers like the source tree (in fresh interpreters, so that it imports the zip's
+own code), weights checked by SHA-256, byte-identical rebuilds, unsafe zips and bad bundles refused."""
 
 import hashlib
 import json
@@ -13,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import BUNDLE, REPO, SAMPLE_CROPS, copy_bundle
+from monai.apps.utils import HashCheckError
+from monai.bundle import download
+from monai.bundle.scripts import download_large_files
 from package_bundle import PackagingError, bundle_members, check_files, check_weights, package, write_zip
 from PIL import Image
 
@@ -78,12 +82,9 @@ def test_two_builds_are_byte_identical(tmp_path):
 def test_downloaded_bundle_infers_like_the_source_tree(packaged, tmp_path):
     bundle, zip_path = packaged
     unpacked = tmp_path / "unpacked"
-    loaded = _monai_bundle("download", "--name", "allinsam", "--url", zip_path.as_uri(), "--bundle_dir", str(unpacked),
-                           cwd=tmp_path)
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    download(name="allinsam", url=zip_path.as_uri(), bundle_dir=str(unpacked))
     assert (unpacked / "allinsam" / "models" / "model.pt").read_bytes() == (bundle / "models" / "model.pt").read_bytes()
-    checked = _monai_bundle("download_large_files", "--bundle_path", str(unpacked / "allinsam"), cwd=tmp_path)
-    assert checked.returncode == 0, checked.stderr[-2000:]  # SHA-256 of the weights as in large_files.yml
+    download_large_files(bundle_path=str(unpacked / "allinsam"))  # SHA-256 of the weights as in large_files.yml
 
     outputs = {}
     for name, config, extra in (("unpacked", unpacked / "allinsam" / "configs" / "inference.json", []),
@@ -108,8 +109,8 @@ def test_tampered_weights_fail_the_sha256_check(packaged, tmp_path):
     with open(tmp_path / "allinsam" / "models" / "model.pt", "r+b") as weights:
         weights.seek(1000)
         weights.write(b"\x42")
-    checked = _monai_bundle("download_large_files", "--bundle_path", str(tmp_path / "allinsam"), cwd=tmp_path)
-    assert checked.returncode != 0 and "check of existing file failed" in checked.stderr
+    with pytest.raises(HashCheckError, match="check of existing file failed"):
+        download_large_files(bundle_path=str(tmp_path / "allinsam"))
 
 
 def test_a_zip_escaping_its_folder_is_refused(tmp_path):
@@ -118,9 +119,8 @@ def test_a_zip_escaping_its_folder_is_refused(tmp_path):
         archive.writestr("evil/configs/metadata.json", "{}")
         archive.writestr("evil/../../escaped.txt", "outside")
     target = tmp_path / "a" / "b"
-    loaded = _monai_bundle("download", "--name", "evil", "--url", evil.as_uri(), "--bundle_dir", str(target),
-                           cwd=tmp_path)
-    assert loaded.returncode != 0 and "Unsafe path" in loaded.stderr
+    with pytest.raises(ValueError, match="Unsafe path"):
+        download(name="evil", url=evil.as_uri(), bundle_dir=str(target))
     assert not list(tmp_path.rglob("escaped.txt"))
 
 

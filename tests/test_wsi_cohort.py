@@ -95,23 +95,28 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def _bundle_command(ranks: int, weights, slides, output_dir, threshold: float) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-                if ranks > 1 else [sys.executable])
+def _bundle_options(weights, slides, output_dir, threshold: float) -> dict:
+    """wsi_inference.json's options of these tests; eager torch: each rank process would export the network to ONNX
+    for one or two windows."""
+    return {"ckpt_path": str(weights), "slide_glob": str(slides / "*.tif"), "output_dir": str(output_dir),
+            "tile_size": 256, "tile_halo": 32, "sw_overlap": 0.0, "threshold": threshold, "min_area": 1,
+            "wsi_progress": False, "inference_precision": "float32", "inference_runtime": "torch"}
+
+
+def _torchrun_command(weights, slides, output_dir, threshold: float) -> list[str]:
+    """The same bundle run under torchrun, two ranks."""
     configs = f"['{CONFIGS / 'inference.json'}','{CONFIGS / 'wsi_inference.json'}']"
-    return launcher + ["-m", "monai.bundle", "run", "--config_file", configs, "--ckpt_path", str(weights),
-                       "--slide_glob", str(slides / "*.tif"), "--output_dir", str(output_dir), "--tile_size", "256",
-                       "--tile_halo", "32", "--sw_overlap", "0.0", "--threshold", str(threshold),
-                       "--min_area", "1", "--wsi_progress", "false",
-                       # eager torch: each rank process would export the network to ONNX for one or two windows
-                       "--inference_precision", "float32", "--inference_runtime", "torch"]
+    options = [item for name, value in _bundle_options(weights, slides, output_dir, threshold).items()
+               for item in (f"--{name}", str(value).lower() if isinstance(value, bool) else str(value))]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
+            "run", "--config_file", configs, *options]
 
 
 @pytest.mark.slow
 def test_torchrun_ranks_share_the_slides_and_a_killed_job_resumes(trained_allinsam, slides, tmp_path):
-    """The trained bundle network through wsi_inference.json: one process, then 2 gloo ranks (one thread each, as
-    torchrun sets), then 2 ranks of which one is killed (SIGKILL) after the first finished slide, so that torchrun
-    stops the job, and the same command again."""
+    """The trained bundle network through wsi_inference.json: in this process with one thread, then 2 gloo ranks (one
+    thread each, as torchrun sets) of which one is killed (SIGKILL) after the first finished slide, so that torchrun
+    stops the job, and the same command again: the two runs' slides, each by its rank, equal the one process's."""
     weights = trained_allinsam[1] / "model.pt"
     # the two-step network's probabilities span about 0.4-0.7 with no clear nuclei: at their 80th percentile over
     # the slides (a slide is one window) the masks are thousands of specks of 1-3 px, kept (--min_area 1): a strict
@@ -122,22 +127,18 @@ def test_torchrun_ranks_share_the_slides_and_a_killed_job_resumes(trained_allins
         pixels = torch.stack([torch.as_tensor(tifffile.imread(path)) for path in sorted(slides.glob("*.tif"))])
         probability = torch.sigmoid(network.eval()(pixels.permute(0, 3, 1, 2) / 255.0))
     threshold = round(float(np.quantile(probability.numpy(), 0.8)), 3)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_bundle_command(1, weights, slides, tmp_path / "one", threshold), cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        bundle_workflow([CONFIGS / "inference.json", CONFIGS / "wsi_inference.json"],
+                        **_bundle_options(weights, slides, tmp_path / "one", threshold)).run()
+    finally:
+        torch.set_num_threads(threads)
     one = _outputs(tmp_path / "one")
     assert len(one) == SLIDES and all(int(row["instances"]) > 100 for row in _rows(tmp_path / "one"))
 
-    subprocess.run(_bundle_command(2, weights, slides, tmp_path / "two", threshold), cwd=REPO, env=env, check=True,
-                   capture_output=True)
-    rows = _rows(tmp_path / "two")
-    assert [int(row["rank"]) for row in rows] == [0, 1, 0, 1] and {row["status"] for row in rows} == {"run"}
-    two = _outputs(tmp_path / "two")
-    assert two.keys() == one.keys()
-    for name in one:
-        assert np.array_equal(one[name][0], two[name][0]) and one[name][1] == two[name][1], name
-
-    job = subprocess.Popen(_bundle_command(2, weights, slides, tmp_path / "killed", threshold), cwd=REPO, env=env,
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(_torchrun_command(weights, slides, tmp_path / "killed", threshold), cwd=REPO, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not list((tmp_path / "killed").glob("*_summary.json")) and job.poll() is None:
@@ -148,11 +149,12 @@ def test_torchrun_ranks_share_the_slides_and_a_killed_job_resumes(trained_allins
     finished = {path.name.removesuffix("_summary.json") for path in (tmp_path / "killed").glob("*_summary.json")}
     assert 1 <= len(finished) < SLIDES and not (tmp_path / "killed" / "cohort.csv").exists()
 
-    subprocess.run(_bundle_command(2, weights, slides, tmp_path / "killed", threshold), cwd=REPO, env=env, check=True,
+    subprocess.run(_torchrun_command(weights, slides, tmp_path / "killed", threshold), cwd=REPO, env=env, check=True,
                    capture_output=True)
     rows = _rows(tmp_path / "killed")
     assert {row["slide"].rsplit("/", 1)[1][:-4] for row in rows if row["status"] == "done before"} == finished
-    assert len(rows) == SLIDES
+    assert [int(row["rank"]) for row in rows] == [0, 1, 0, 1]  # each slide by the rank whose share it is, in both runs
     resumed = _outputs(tmp_path / "killed")
+    assert resumed.keys() == one.keys()
     for name in one:
         assert np.array_equal(one[name][0], resumed[name][0]) and one[name][1] == resumed[name][1], name

@@ -52,8 +52,6 @@ class NnUNetExperiment:
         for name in NNUNET_FOLDERS:
             (self.work_dir / name).mkdir(parents=True, exist_ok=True)
             os.environ[name] = str(self.work_dir / name)
-        if self.num_workers is not None:
-            os.environ["nnUNet_n_proc_DA"] = str(self.num_workers)
 
     @property
     def model_folder(self) -> Path:
@@ -103,6 +101,8 @@ class NnUNetExperiment:
         resumed run spends what is left of it.
         """
         self._environment()
+        if self.num_workers is not None:  # for training only: nnU-Net's planner fails on 0 (torch.set_num_threads(0))
+            os.environ["nnUNet_n_proc_DA"] = str(self.num_workers)
         from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
         final = self.fold_folder / "checkpoint_final.pth"
