@@ -8,11 +8,11 @@ named after the bundle and fixed timestamps, so two builds of the same tree are 
 
 Checks (offline, nothing downloaded): LICENSE, configs/metadata.json and docs/README.md present; the version in
 the changelog; ``verify_metadata`` against the schema shipped in ``bundles/``; ``models/model.pt`` loads with
-``weights_only`` into the bundle's network, strictly (anything else, a pickle payload included, is refused);
-``verify_net_in_out``; and
-``ckpt_export`` to TorchScript (scripting, else tracing at the metadata's input shape, compared with the eager
-network) for bundles with a ``network_def``. A failed check stops before anything is written, except TorchScript,
-which is reported: the zip never carries ``model.ts``.
+``weights_only`` into the bundle's network, strictly (anything else, a pickle payload included, is refused); and,
+for bundles with a ``network_def``, ``verify_net_in_out`` and ``ckpt_export`` to TorchScript (scripting, else
+tracing at the metadata's input shape, compared with the eager network), both on eager torch in one interpreter.
+A failed check stops before anything is written, except TorchScript, which is reported: the zip never carries
+``model.ts``.
 
 The zip holds the bundle's files except run outputs (``runs/``, ``eval/``, caches) and checkpoints other than
 ``models/model.pt`` (with its ``model_calibration.json`` when one was measured on it); with weights it adds
