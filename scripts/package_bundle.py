@@ -31,6 +31,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import bundle_path  # noqa: F401  (the bundle's scripts package, for read_network_weights)
 import fire
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,20 +154,18 @@ def check_weights(bundle: Path) -> list[tuple[str, str]]:
 
 
 def _state_dict_of_tensors(weights: Path) -> dict:
-    """The names -> tensors in ``weights`` (a state dict, or a training checkpoint's ``model``), read with
-    ``weights_only`` in this process: unpickling anything else is refused before it could run code."""
-    import torch
+    """The names -> tensors in ``weights`` (a state dict, or a training checkpoint's ``model``), read in this process
+    by the bundle's own ``read_network_weights`` (``weights_only``): anything else is refused before it could run
+    code."""
+    from scripts.networks import read_network_weights
 
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for foreign files
-        reason = ("it holds Python objects other than tensors" if "GLOBAL" in str(error) else
-                  f"the file is empty, corrupt or not a PyTorch checkpoint ({type(error).__name__})")
-        raise PackagingError(f"{weights}: not this bundle's network weights: torch.load(weights_only=True) refuses "
-                             f"it: {reason}") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    if not (isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values())):
-        raise PackagingError(f"{weights}: not this bundle's network weights: not a state dict of tensors")
+        state = read_network_weights(weights)
+    except ValueError as error:
+        raise PackagingError(f"{weights}: not this bundle's network weights: "
+                             f"{str(error).removeprefix(f'{weights}: ')}") from None
+    if not state:
+        raise PackagingError(f"{weights}: not this bundle's network weights: an empty state dict")
     return state
 
 
