@@ -21,7 +21,8 @@ import numpy as np
 from compare import _mean_sd, _wilcoxon_p  # noqa: E402
 from train_grid import CONFIGS, _bundle_command, _run_logged, seed_list  # noqa: E402
 
-from scripts.training import last_checkpoint  # noqa: E402  (the bundle's package)
+from scripts import flag  # noqa: E402  (the bundle's package)
+from scripts.training import last_checkpoint  # noqa: E402
 
 DATASET = CONFIGS / "datasets" / "monuseg_two_class.json"
 ARMS = ("before", "plain", "mocl")
@@ -37,7 +38,7 @@ def run(seeds: str | int | tuple = (0, 1, 2), before_epochs: int = 3, refine_epo
     ``shared_before``: one before-correction model (``<runs_dir>/before``, seed = the first seed) for every seed,
     so the seeds vary the refinement only (CPU budgets). ``trainable``: the recipe of every arm (``adapter``, as
     measured in docs/results/mocl_two_class_cpu; ``tail`` trains on cached views)."""
-    seeds = seed_list(seeds)
+    seeds, shared_before = seed_list(seeds), flag(shared_before, "shared_before")
     dataset = {"dataset_dir": dataset_dir, "lay_seed": lay_seed, "labels": "lay", "trainable": trainable}
     train_files = [CONFIGS / "train.json", DATASET]
     refine_files = [CONFIGS / "train.json", CONFIGS / "mocl_train.json", DATASET]

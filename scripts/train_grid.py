@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "allinsam" / "configs"
 import bundle_path  # noqa: E402, F401  (puts the bundle's scripts package on sys.path)
 
-from scripts.data import prepared_datalist  # noqa: E402  (the bundle's package)
+from scripts import flag  # noqa: E402  (the bundle's package)
+from scripts.data import prepared_datalist  # noqa: E402
 from scripts.metrics import METRIC_NAMES  # noqa: E402
 from scripts.training import last_checkpoint  # noqa: E402
 
@@ -103,6 +104,7 @@ def run(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"), se
     """
     if checkpoint not in ("last", "best"):
         raise ValueError(f"checkpoint must be 'last' or 'best', got {checkpoint!r}")
+    calibrate, evaluate = flag(calibrate, "calibrate"), flag(evaluate, "evaluate")
     _check_options([CONFIGS / "train.json", CONFIGS / "datasets" / "monuseg.json"], overrides)
     labels, seeds = _grid(labels, seeds)
     runs = Path(runs_dir or REPO / "runs" / f"grid_{fraction}")
@@ -163,6 +165,7 @@ def nnunet(fraction: str = "0.5pct", labels: str | tuple = ("complete", "weak"),
     with ``scripts/compare.py``. Extra ``--key value`` options go to training (e.g. ``--val_iterations_per_epoch``).
     A run whose ``timing.csv`` exists is skipped; a killed training resumes from nnU-Net's latest checkpoint."""
     configs = REPO / "bundles" / "nnunet_baseline" / "configs"
+    use_mirroring = flag(use_mirroring, "use_mirroring")
     _check_options([configs / "train.json", configs / "datasets" / "monuseg.json"], overrides)
     labels, seeds = _grid(labels, seeds)
     runs = Path(runs_dir or REPO / "runs" / f"nnunet_{fraction}")

@@ -157,3 +157,20 @@ def test_a_sam_checkpoint_with_another_sha256_is_refused_before_loading(tmp_path
     checkpoint.write_bytes(b"not the checkpoint the user meant")
     with pytest.raises(ValueError, match=re.escape(str(checkpoint)) + ": SHA-256 [0-9a-f]{64} does not match"):
         AllInSamNet("vit_b", checkpoint, image_size=64, checkpoint_sha256="0" * 64)
+
+
+@pytest.mark.parametrize("given, expected", [(True, True), (False, False), ("false", False), ("True", True),
+                                             (" FALSE ", False), (0, False), (1, True)])
+def test_yes_no_options_read_what_the_command_line_hands_over(given, expected):
+    """``monai.bundle run ... --resume false`` hands over the string "false", which Python takes as true."""
+    from scripts import flag
+
+    assert flag(given, "resume") is expected
+
+
+@pytest.mark.parametrize("given", ["no", "", 2, None, "flase"])
+def test_a_yes_no_option_that_is_neither_is_refused_by_name(given):
+    from scripts import flag
+
+    with pytest.raises(ValueError, match="--write_nifti must be true or false"):
+        flag(given, "write_nifti")

@@ -130,3 +130,36 @@ def test_overlays_name_what_they_change_and_survive_a_new_handler():
     parser.parse()
     kept = parser.get_parsed_content("train#trainer#train_handlers")
     assert [type(h).__name__ for h in kept] == ["TerminateOnNan", "ProgressBar", "StatsHandler", "Timer"]
+
+
+def test_mirrored_inference_is_the_mean_of_the_mirrored_logits(trained_allinsam, tmp_path):
+    """``--mirror_axes [0,1]``: each pixel's logit is the mean over the four mirrored copies of the crop (one 256
+    window, so the sliding window adds nothing), written back in the crop's orientation."""
+    _, models = trained_allinsam
+    crop = sorted((SAMPLE_CROPS / "images").glob("*.png"))[0]
+    workflow = bundle_workflow([INFER], "infer", ckpt_path=str(models / "model.pt"), output_dir=str(tmp_path),
+                               input_glob=str(crop), mirror_axes=[0, 1], inference_runtime="torch",
+                               inference_precision="float32")
+    workflow.run()
+    (output,) = workflow.parser.get_parsed_content("evaluator").state.output
+    network = workflow.parser.get_parsed_content("network").eval()
+    image = torch.as_tensor(read_rgb_image(crop)).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        logits = [torch.flip(network(torch.flip(image, dims)), dims) for dims in ((), (2,), (3,), (2, 3))]
+    expected = torch.sigmoid(torch.stack(logits).mean(0))[0]
+    assert torch.allclose(torch.as_tensor(output["pred"]), expected, atol=1e-5)
+    plain = torch.sigmoid(logits[0])[0]
+    assert (expected - plain).abs().max() > 1e-3  # the network is not mirror-symmetric: the mean differs
+
+
+def test_mirrored_inferer_refuses_axes_the_input_lacks():
+    from monai.inferers import SimpleInferer
+
+    from scripts.inference import MirroredInferer
+
+    with pytest.raises(ValueError, match="distinct"):
+        MirroredInferer(SimpleInferer(), spatial_axes=(0, 0))
+    with pytest.raises(ValueError, match="2 spatial axes"):
+        MirroredInferer(SimpleInferer(), spatial_axes=(2,))(torch.zeros(1, 3, 8, 8), torch.nn.Identity())
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(MirroredInferer(SimpleInferer(), (0, 1))(image, torch.nn.Identity()), image)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -74,6 +75,31 @@ def test_a_threshold_away_from_half_must_beat_it_beyond_the_spread_of_the_images
     else:
         assert chosen["best_dice_threshold"] <= 0.3 and dice[0.3] > dice[0.5]
         assert chosen["threshold"] == 0.5
+
+
+def test_a_calibration_remembers_the_mirroring_it_was_measured_with(tmp_path):
+    """A threshold chosen on mirrored predictions is used by an unmirrored inference too, with a warning; a file
+    written before mirroring existed counts as unmirrored."""
+    datalist = SAMPLE_CROPS / "datalist.json"
+    entry = json.loads(datalist.read_text())["validation"][0]
+    nuclei = np.asarray(Image.open(SAMPLE_CROPS / entry["instances"])) > 0
+    name = entry["image"].split("/")[-1][:-4]
+    Image.fromarray(np.round(_ringed(nuclei, 0.6) * 255).astype(np.uint8)).save(tmp_path / f"{name}_prob.png")
+    weights, record_file = tmp_path / "model.pt", tmp_path / "chosen.json"
+    weights.write_bytes(b"weights")
+    chosen = calibrate(tmp_path, datalist, "validation", weights, record_file, mirror_axes=(0, 1))
+    assert json.loads(record_file.read_text())["mirror_axes"] == [0, 1]
+    expected = {"threshold": chosen["threshold"], "instances": chosen["instances"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calibrated_postprocessing(weights, record_file, mirror_axes=[0, 1]) == expected
+    with pytest.warns(UserWarning, match=r"measured with mirror_axes \[0, 1\], this inference mirrors \[\]"):
+        assert calibrated_postprocessing(weights, record_file) == expected
+    record = json.loads(record_file.read_text())
+    del record["mirror_axes"]
+    record_file.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=r"measured with mirror_axes \[\]"):
+        calibrated_postprocessing(weights, record_file, mirror_axes=(0, 1))
 
 
 def test_a_calibration_of_other_weights_is_not_used(tmp_path):

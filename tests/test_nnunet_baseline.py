@@ -118,8 +118,10 @@ def test_tiny_cpu_training_resume_and_prediction(one_epoch, tmp_path):
     assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2
     assert "Epoch 0" not in (second.stdout + second.stderr)
     # prediction of the test crops, in the allinsam bundle's layout
-    _bundle("--config_file", str(CONFIGS / "inference.json"), "--datalist", str(DATALIST), "--use_mirroring",
-            "false", "--output_dir", str(tmp_path / "predictions"), *_on_cpu(work_dir))
+    predicted = _bundle("--config_file", str(CONFIGS / "inference.json"), "--datalist", str(DATALIST),
+                        "--use_mirroring", "false", "--output_dir", str(tmp_path / "predictions"), *_on_cpu(work_dir))
+    # the command line hands "false" over as a string (true in Python): scripts.flag reads it as False
+    assert "nnU-Net prediction: mirroring off, tile step 0.5" in predicted.stdout
     for entry in json.loads(DATALIST.read_text())["test"]:
         name = entry["image"].split("/")[-1][:-4]
         image = np.asarray(Image.open(SAMPLE_CROPS / entry["image"]))

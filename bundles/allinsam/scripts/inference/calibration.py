@@ -7,6 +7,7 @@ workflow (inference, evaluation, whole slides, the MONAI Label app) reads it fro
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,12 @@ def choose_postprocessing(cases: list[tuple[np.ndarray, np.ndarray]]) -> dict:
 
 
 def calibrate(predictions_dir: str | os.PathLike, datalist: str | os.PathLike, split: str,
-              ckpt_path: str | os.PathLike, calibration_file: str | os.PathLike) -> dict:
+              ckpt_path: str | os.PathLike, calibration_file: str | os.PathLike,
+              mirror_axes: Sequence[int] = ()) -> dict:
     """Choose the post-processing from the ``<name>_prob.png`` maps that inference.json wrote into
     ``predictions_dir`` for the ``split`` images of ``datalist`` (scored against their own ``instances``: SAM pseudo
-    masks in the weak setting), and write it with ``ckpt_path``'s SHA-256 to ``calibration_file``. The test split is
-    refused: it is for scoring.
+    masks in the weak setting), and write it with ``ckpt_path``'s SHA-256 and the test-time ``mirror_axes`` the maps
+    were predicted with to ``calibration_file``. The test split is refused: it is for scoring.
     """
     if split == "test":
         raise ValueError("calibration chooses post-processing on validation images; the test split is for scoring")
@@ -74,8 +76,8 @@ def calibrate(predictions_dir: str | os.PathLike, datalist: str | os.PathLike, s
             cases.append((np.asarray(probability, dtype=np.float64) / 255, read_instance_map(entry["instances"])))
     chosen = choose_postprocessing(cases)
     record = {"threshold": chosen["threshold"], "instances": chosen["instances"], "checkpoint": str(ckpt_path),
-              "checkpoint_sha256": sha256_of_file(ckpt_path), "datalist": str(datalist), "split": split,
-              "images": len(cases),
+              "checkpoint_sha256": sha256_of_file(ckpt_path), "mirror_axes": [int(axis) for axis in mirror_axes],
+              "datalist": str(datalist), "split": split, "images": len(cases),
               **{key: chosen[key] for key in ("dice_by_threshold", "best_dice_threshold", "aji_by_instances")}}
     write_json_atomic(calibration_file, record)
     dice, aji = chosen["dice_by_threshold"], chosen["aji_by_instances"]
@@ -86,16 +88,19 @@ def calibrate(predictions_dir: str | os.PathLike, datalist: str | os.PathLike, s
     return record
 
 
-def calibrated_postprocessing(ckpt_path: str | os.PathLike | None, calibration_file: str | os.PathLike | None) -> dict:
+def calibrated_postprocessing(ckpt_path: str | os.PathLike | None, calibration_file: str | os.PathLike | None,
+                              mirror_axes: Sequence[int] = ()) -> dict:
     """``{"threshold", "instances"}`` from ``calibration_file`` when it exists and was measured on this very
     checkpoint; ``UNCALIBRATED`` (0.5, components) when there is none, with a warning when it belongs to other
-    weights (a retrained ``model.pt``)."""
+    weights (a retrained ``model.pt``). A warning too when it was measured with other test-time ``mirror_axes`` than
+    the inference that uses it (a file without them: none, as before mirroring existed)."""
     if calibration_file is None or not Path(calibration_file).is_file():
         return dict(UNCALIBRATED)
     try:
         record = json.loads(Path(calibration_file).read_text())
         chosen = {"threshold": float(record["threshold"]), "instances": str(record["instances"]),
-                  "sha256": str(record["checkpoint_sha256"])}
+                  "sha256": str(record["checkpoint_sha256"]),
+                  "mirror_axes": [int(axis) for axis in record.get("mirror_axes", [])]}
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{calibration_file}: not a calibration written by calibrate.json ({error})") from None
     if chosen["instances"] not in INSTANCE_METHODS or not 0 < chosen["threshold"] < 1:
@@ -106,4 +111,8 @@ def calibrated_postprocessing(ckpt_path: str | os.PathLike | None, calibration_f
                       f"{UNCALIBRATED['threshold']} and {UNCALIBRATED['instances']} (rerun calibrate.json)",
                       stacklevel=2)
         return dict(UNCALIBRATED)
+    if chosen["mirror_axes"] != [int(axis) for axis in mirror_axes]:
+        warnings.warn(f"{calibration_file} was measured with mirror_axes {chosen['mirror_axes']}, this inference "
+                      f"mirrors {list(mirror_axes)}: its threshold may not fit (rerun calibrate.json with the same "
+                      f"--mirror_axes)", stacklevel=2)
     return {"threshold": chosen["threshold"], "instances": chosen["instances"]}
