@@ -12,6 +12,7 @@ import pytest
 from conftest import BUNDLE, SAMPLE_CROPS, bundle_workflow
 from PIL import Image
 
+from scripts import flag
 from scripts.data import checked_datalist, checked_image_glob, read_rgb_image, to_rgb8
 
 TRAIN, INFER = BUNDLE / "configs" / "train.json", BUNDLE / "configs" / "inference.json"
@@ -163,14 +164,10 @@ def test_a_sam_checkpoint_with_another_sha256_is_refused_before_loading(tmp_path
                                              (" FALSE ", False), (0, False), (1, True)])
 def test_yes_no_options_read_what_the_command_line_hands_over(given, expected):
     """``monai.bundle run ... --resume false`` hands over the string "false", which Python takes as true."""
-    from scripts import flag
-
     assert flag(given, "resume") is expected
 
 
 @pytest.mark.parametrize("given", ["no", "", 2, None, "flase"])
 def test_a_yes_no_option_that_is_neither_is_refused_by_name(given):
-    from scripts import flag
-
     with pytest.raises(ValueError, match="--write_nifti must be true or false"):
         flag(given, "write_nifti")

@@ -132,8 +132,6 @@ class NnUNetExperiment:
         ``<stem>_prob.png`` (nucleus probability x 255, uint8) and ``<stem>_mask.png`` (argmax, 0/1) like the allinsam
         bundle's inference. Returns the mask files."""
         self._environment()
-        if not isinstance(use_mirroring, bool):  # a string such as "false" would be true
-            raise TypeError(f"use_mirroring must be a bool, got {use_mirroring!r}")
         print(f"nnU-Net prediction: mirroring {'on' if use_mirroring else 'off'}, tile step {tile_step_size}")
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
