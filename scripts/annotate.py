@@ -74,8 +74,9 @@ def weak_labels(datalist: str, splits: tuple[str, ...] = ("training", "validatio
                 **segmenter_options) -> str:
     """Replace the labels of ``splits`` in a prepared datalist by SAM pseudo masks made from its boxes: the bundle's
     ``weak_labels`` workflow (``scripts.annotation.make_weak_labels``). Returns the weak datalist's path."""
+    splits = splits.split(",") if isinstance(splits, str) else list(splits)  # fire: --splits training,validation
     weak_path = run_annotate_workflow(None, None, backbone, checkpoint, run_id="weak_labels", datalist=str(datalist),
-                                      weak_splits=list(splits), box_jitter=jitter, box_loosen=loosen, box_seed=seed,
+                                      weak_splits=splits, box_jitter=jitter, box_loosen=loosen, box_seed=seed,
                                       **segmenter_options)
     print(f"{weak_path}: weak labels for {', '.join(splits)}")
     return weak_path

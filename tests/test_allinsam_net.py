@@ -147,6 +147,32 @@ def test_checkpoint_round_trip(tmp_path, crops):
         assert torch.equal(trained(crops[:1]), restored(crops[:1]))
 
 
+def test_window_minmax_off_keeps_a_pale_windows_contrast_and_travels_in_the_weights(tmp_path, crops):
+    """LiteMedSAM stretches every window to [0, 1], so a pale, low-contrast copy of a crop looks like the crop itself;
+    ``window_minmax=False`` keeps the copy pale. The option is a buffer: inference, which builds the network with the
+    default, follows the checkpoint; weights from before the option load as the stretch."""
+    pale = 0.6 + 0.4 * crops[:1]  # the crop with 40 % of its contrast, as a pale tissue window
+    stretched = AllInSamNet(trainable="tail", tail_stages=2).eval()
+    torch.testing.assert_close(stretched.encoder_input(pale), stretched.encoder_input(crops[:1]))
+    kept = AllInSamNet(trainable="tail", tail_stages=2, window_minmax=False).eval()
+    assert torch.equal(kept.encoder_input(pale), pale)
+    with torch.no_grad():
+        kept_logits = kept(pale)
+        assert (kept_logits - kept(crops[:1])).abs().max() > 1.0
+        assert (kept_logits - stretched(pale)).abs().max() > 1.0
+
+    torch.save(kept.state_dict(), tmp_path / "model.pt")
+    restored = AllInSamNet(trainable="tail").eval()  # built as inference builds it
+    restored.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    assert restored.window_minmax.item() == 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(restored(pale), kept_logits)
+    restored.load_state_dict({k: v for k, v in kept.state_dict().items() if k != "window_minmax"})  # older weights
+    assert restored.window_minmax.item() == 1.0
+    with pytest.raises(ValueError, match="window_minmax=False applies to LiteMedSAM"):
+        AllInSamNet("vit_b", pretrained=False, image_size=64, window_minmax=False)
+
+
 def test_wrong_input_size_is_a_clear_error(litemedsam_net):
     with pytest.raises(ValueError, match=r"expects \(B, 3, 256, 256\).*\(1, 3, 200, 200\)"):
         litemedsam_net(torch.rand(1, 3, 200, 200))

@@ -145,6 +145,8 @@ def test_cache_key_follows_frozen_weights_and_file_bytes_not_trained_weights(tmp
     assert ViewCacheKey(decoder_only, recipe)(item) != ViewCacheKey(AllInSamNet(trainable="tail"), recipe)(item)
     two_stages = AllInSamNet(trainable="tail", tail_stages=2)  # its cache holds the input of stage 2
     assert ViewCacheKey(two_stages, recipe)(item) != ViewCacheKey(AllInSamNet(trainable="tail"), recipe)(item)
+    unstretched = AllInSamNet(trainable="tail", window_minmax=False)  # the same weights see other inputs
+    assert ViewCacheKey(unstretched, recipe)(item) != ViewCacheKey(AllInSamNet(trainable="tail"), recipe)(item)
 
 
 def test_only_cacheable_networks_build_a_feature_cache():

@@ -40,7 +40,8 @@ def make_weak_labels(datalist: str | os.PathLike, segmenter: BoxPromptedSegmente
     base, content = datalist.parent, json.loads(datalist.read_text())
     missing = [split for split in splits if split not in content]
     if missing:
-        raise ValueError(f"{datalist}: no {missing} list to make weak labels for")
+        raise ValueError(f"{datalist}: no {missing} list to make weak labels for (it has {sorted(content)}; one "
+                         "datalist per command)")
     tag = weak_label_tag(datalist, jitter, loosen, seed)
     output = base / "weak" / tag
     data, truths = [], {}

@@ -90,13 +90,16 @@ class AllInSamNet(nn.Module):
             per-class bias to the logits, set on the first training batch so that its mean logit is
             logit(``foreground_prior``): the pretrained decoder's prompt-free logits start near -20 (probability
             3e-9), far from any foreground share (the prior initialisation of RetinaNet's classifier, from data).
+        window_minmax: LiteMedSAM only: True stretches every window to [0, 1] (its pretraining convention); False
+            gives the encoder the image scaled by 1/255, so that a pale window with few nuclei is not stretched
+            until its tissue looks like nuclei. Kept in the weights (a buffer): inference follows the checkpoint.
     """
 
     def __init__(self, backbone: str = "litemedsam", checkpoint: str | os.PathLike | None = None,
                  pretrained: bool = True, image_size: int = 1024, trainable: str = "adapter", out_channels: int = 1,
                  freq_rate: float = 0.25, scale_factor: int = 32, checkpoint_sha256: str | None = None,
                  inference_precision: str = "float32", tail_stages: int = 1, foreground_prior: float | None = None,
-                 inference_runtime: str = "torch"):
+                 inference_runtime: str = "torch", window_minmax: bool = True):
         super().__init__()
         if foreground_prior is not None and not 0.0 < foreground_prior < 1.0:
             raise ValueError(f"foreground_prior must be None or in (0, 1), got {foreground_prior}")
@@ -131,6 +134,10 @@ class AllInSamNet(nn.Module):
         self.foreground_prior = foreground_prior
         self.logit_bias = nn.Parameter(torch.zeros(out_channels), requires_grad=foreground_prior is not None)
         self.register_buffer("logit_bias_set", torch.tensor(foreground_prior is None))
+        if not window_minmax and sam.normalisation != "minmax":
+            raise ValueError(f"window_minmax=False applies to LiteMedSAM's min-max input; {backbone} uses ImageNet "
+                             "statistics and never stretches a window")
+        self.register_buffer("window_minmax", torch.tensor(float(window_minmax)))
         trained, total = self.parameter_counts()
         recipe = f"trainable={trainable}" + (f", tail_stages={tail_stages}" if trainable == "tail" else "")
         logger.info(f"AllInSamNet({backbone}, {recipe}): {trained:,} of {total:,} parameters trainable")
@@ -147,10 +154,13 @@ class AllInSamNet(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``; weights of another recipe or backbone fail with a short message saying
         which (instead of hundreds of missing and unexpected names)."""
-        if "logit_bias" not in state_dict:  # weights from before the output bias: the decoder's own logits
+        defaults = {"logit_bias": torch.zeros_like(self.logit_bias),  # weights from before the output bias:
+                    "logit_bias_set": torch.tensor(True),  # the decoder's own logits
+                    "window_minmax": torch.tensor(1.0)}  # from before the option: LiteMedSAM's per-window stretch
+        added = {name: value for name, value in defaults.items() if name not in state_dict}
+        if added:
             metadata = getattr(state_dict, "_metadata", None)
-            state_dict = OrderedDict(state_dict, logit_bias=torch.zeros_like(self.logit_bias),
-                                     logit_bias_set=torch.tensor(True))
+            state_dict = OrderedDict(state_dict, **added)
             if metadata is not None:
                 state_dict._metadata = metadata
         if strict:
@@ -237,7 +247,11 @@ class AllInSamNet(nn.Module):
         if self.cacheable:
             return self.forward_features(self.frozen_features(image), return_features)
         self._check_image(image)
-        return self._decoded(self.sam.image_encoder(self.sam.preprocess(image * 255.0)), return_features)
+        return self._decoded(self.sam.image_encoder(self.encoder_input(image)), return_features)
+
+    def encoder_input(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) RGB in [0, 1] -> the encoder's input, by the backbone's convention and ``window_minmax``."""
+        return self.sam.preprocess(image * 255.0, self.window_minmax.to(image.dtype))
 
     def frozen_features(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) RGB in [0, 1] -> the output of the frozen part (no gradient): for ``tail`` the tokens
@@ -247,7 +261,7 @@ class AllInSamNet(nn.Module):
             raise ValueError(f"trainable={self.trainable!r} trains the whole encoder path: nothing to cache")
         self._check_image(image)
         with torch.no_grad():
-            tokens = encoder_prefix(self.sam.image_encoder, self.sam.preprocess(image * 255.0), self.tail_stages)
+            tokens = encoder_prefix(self.sam.image_encoder, self.encoder_input(image), self.tail_stages)
             if self.trainable == "decoder":
                 return encoder_tail(self.sam.image_encoder, tokens, self.tail_stages)
             return tokens

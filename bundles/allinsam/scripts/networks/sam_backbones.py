@@ -53,12 +53,14 @@ class SamBackbone(nn.Module):
         """E, the side of the image embedding in tokens."""
         return int(self.prompt_encoder.image_embedding_size[0])
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) float RGB in 0-255 -> the encoder's input."""
+    def preprocess(self, image: torch.Tensor, window_minmax: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """(B, 3, S, S) float RGB in 0-255 -> the encoder's input. ``window_minmax`` (``minmax`` only): 1 stretches
+        each window to [0, 1] (LiteMedSAM's convention), 0 divides by 255 instead, so that a window keeps the
+        contrast it has in its image; a number rather than a branch, so that exported graphs carry it."""
         if self.normalisation == "imagenet":
             return (image - self.mean) / self.std
-        low = image.amin(dim=(1, 2, 3), keepdim=True)
-        high = image.amax(dim=(1, 2, 3), keepdim=True)
+        low = image.amin(dim=(1, 2, 3), keepdim=True) * window_minmax
+        high = image.amax(dim=(1, 2, 3), keepdim=True) * window_minmax + 255.0 * (1.0 - window_minmax)
         return (image - low) / (high - low).clamp(min=1e-8)
 
 

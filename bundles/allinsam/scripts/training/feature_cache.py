@@ -66,8 +66,9 @@ class FrozenFeaturesd(Transform):
 
 def frozen_weights_sha256(network: AllInSamNet) -> str:
     """SHA-256 of every weight and buffer of the frozen part (everything outside the trained parameters), in name
-    order, with the backbone's input size and the cut point: what decides a view's features."""
-    digest = hashlib.sha256(f"{network.trainable}:{network.tail_stages}:{network.image_size}".encode())
+    order, with the backbone's input size, the cut point and ``window_minmax``: what decides a view's features."""
+    digest = hashlib.sha256(f"{network.trainable}:{network.tail_stages}:{network.image_size}:"
+                            f"{float(network.window_minmax)}".encode())
     trained = {id(p) for p in network.parameters() if p.requires_grad}
     for name, tensor in sorted(list(network.sam.image_encoder.state_dict(keep_vars=True).items())):
         if id(tensor) in trained:
