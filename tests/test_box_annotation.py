@@ -315,3 +315,16 @@ def test_cli_converts_rgba_and_writes_nothing_when_a_later_image_is_bad(tmp_path
     expected, _ = parser.get_parsed_content("segmenter")(read_rgb_image(SAMPLE_CROPS / entry["image"]),
                                                          read_prompts(SAMPLE_CROPS / entry["boxes"]).boxes)
     assert np.array_equal(read_instance_map(tmp_path / "out" / "a_rgba_instances.png"), expected), name
+
+
+def test_weak_labels_of_a_missing_split_name_the_splits_the_datalist_has(tmp_path):
+    """``annotate.py weak_labels a.json b.json`` hands b.json over as the splits: the error says what the datalist has."""
+    from annotate import weak_labels
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "validation": [], "test": []}))
+    with pytest.raises(RuntimeError) as raised:  # the bundle's config evaluation wraps the workflow's error
+        weak_labels(str(datalist), "other.json")
+    cause = raised.value.__cause__
+    assert isinstance(cause, ValueError) and re.search(
+        r"no \['other\.json'\] list .*\['test', 'training', 'validation'\]; one datalist per command", str(cause))
