@@ -318,7 +318,7 @@ def test_cli_converts_rgba_and_writes_nothing_when_a_later_image_is_bad(tmp_path
 
 
 def test_weak_labels_of_a_missing_split_name_the_splits_the_datalist_has(tmp_path):
-    """``annotate.py weak_labels a.json b.json`` hands b.json over as the splits: the error says what the datalist has."""
+    """``annotate.py weak_labels a.json b.json`` hands b.json over as the splits: the error names the datalist's."""
     from annotate import weak_labels
 
     datalist = tmp_path / "datalist.json"
